@@ -35,6 +35,8 @@ OTHER_SCHEDULER_KEYS = {
     "use_beta_sigmas", "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type",
     "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "lambda_min_clipped",
     "use_lu_lambdas", "use_flow_sigmas", "flow_shift", "predict_x0", "solver_p", "disable_corrector",
+    "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "rescale_betas_zero_snr",
 }
 
 
@@ -67,23 +69,17 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class SchedulerConfig:
-    """The fields of a diffusers DDPM/DDIM scheduler_config.json, with diffusers' defaults."""
+class ScheduleConfig:
+    """The fields every diffusers scheduler_config.json shares, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000  # T, the length of the forward process
     beta_start: float = 0.0001  # beta_1 (linear schedules)
     beta_end: float = 0.02  # beta_T (linear schedules)
     beta_schedule: str = "linear"  # one of BETA_SCHEDULES; "scaled_linear" is Stable Diffusion's
     trained_betas: list[float] | None = None  # an explicit beta_1..beta_T, overriding the schedule
-    clip_sample: bool = True  # clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
-    clip_sample_range: float = 1.0
     prediction_type: str = "epsilon"  # what the network outputs: one of PREDICTION_TYPES
-    thresholding: bool = False  # dynamic thresholding of x_0 (replaces clip_sample when on)
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"  # how N sampling steps are picked from T: one of TIMESTEP_SPACINGS
     steps_offset: int = 0  # added to every "leading" timestep (Stable Diffusion uses 1)
-    rescale_betas_zero_snr: bool = False  # Lin et al. 2024
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -112,12 +108,27 @@ class SchedulerConfig:
         linear = self.beta_schedule in ("linear", "scaled_linear") and self.trained_betas is None
         if linear and not (0 < self.beta_start <= self.beta_end < 1):
             raise ValueError(f"{name}: need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+
+@dataclass
+class SchedulerConfig(ScheduleConfig):
+    """A DDPM/DDIM scheduler_config.json: the shared fields plus what to do with the predicted x_0."""
+
+    clip_sample: bool = True  # clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # dynamic thresholding of x_0 (replaces clip_sample when on)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not (0 < self.dynamic_thresholding_ratio <= 1) or self.clip_sample_range <= 0 or self.sample_max_value <= 0:
-            raise ValueError(f"{name}: need 0 < dynamic_thresholding_ratio <= 1, clip_sample_range > 0 and "
-                             "sample_max_value > 0")
+            raise ValueError(f"{type(self).__name__}: need 0 < dynamic_thresholding_ratio <= 1, clip_sample_range > 0 "
+                             "and sample_max_value > 0")
 
 
-def make_betas(config: SchedulerConfig) -> torch.Tensor:
+def make_betas(config: ScheduleConfig) -> torch.Tensor:
     """beta_1..beta_T in float32, computed exactly as diffusers does (torch linspace, not numpy)."""
     T = config.num_train_timesteps
     if config.trained_betas is not None:
@@ -128,10 +139,10 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
     else:
         betas = cosine_betas(T)
-    return rescale_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
+    return rescale_zero_terminal_snr(betas) if getattr(config, "rescale_betas_zero_snr", False) else betas
 
 
-def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int) -> torch.Tensor:
+def spaced_timesteps(config: ScheduleConfig, num_inference_steps: int) -> torch.Tensor:
     """The N of the T training steps that a sampler visits, in descending order (int64).
     leading: 0, T//N, 2T//N, ... (+ steps_offset); trailing: T-1 downwards in strides of T/N;
     linspace: N evenly spaced points of [0, T-1], rounded (Lin et al. 2024, Table 2 compares them)."""
@@ -168,7 +179,7 @@ class SchedulerOutput:
 class Scheduler:
     """What DDPM and DDIM share: the schedule, q(x_t | x_0), the choice of timesteps, and x_0 from the output."""
 
-    config_class: type[SchedulerConfig] = SchedulerConfig
+    config_class: type[ScheduleConfig] = SchedulerConfig
     order = 1  # model evaluations per step
     init_noise_sigma = 1.0  # x_T ~ N(0, I): the initial noise needs no scaling
 
@@ -182,11 +193,11 @@ class Scheduler:
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
 
     @classmethod
-    def from_config(cls, config: dict | SchedulerConfig):
+    def from_config(cls, config: dict | ScheduleConfig):
         """Build from a diffusers scheduler_config.json dict as it is (or another scheduler's `.config`).
         Keys starting with "_" are metadata and keys of other diffusers schedulers do not apply here: both are
         dropped silently. Any other unknown key is ignored with a warning; invalid values raise ValueError."""
-        if isinstance(config, SchedulerConfig):
+        if isinstance(config, ScheduleConfig):
             config = dataclasses.asdict(config)
         known = {field.name for field in dataclasses.fields(cls.config_class)}
         ignored = known | OTHER_SCHEDULER_KEYS
@@ -237,9 +248,9 @@ class Scheduler:
             x0 = model_output
         else:  # v_prediction: x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
             x0 = alpha_bar**0.5 * sample - (1 - alpha_bar) ** 0.5 * model_output
-        if self.config.thresholding:
+        if getattr(self.config, "thresholding", False):
             return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        if self.config.clip_sample:
+        if getattr(self.config, "clip_sample", False):
             return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0
 
