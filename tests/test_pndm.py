@@ -14,10 +14,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from minidiff.pndm import PNDMScheduler  # noqa: E402
-from tests.test_schedulers import BETAS, REFERENCE_CONFIGS, assert_close, dummy_model  # noqa: E402
-
-SPACINGS = {"leading+1": dict(timestep_spacing="leading", steps_offset=1), "trailing": dict(timestep_spacing="trailing"),
-            "linspace": dict(timestep_spacing="linspace"), "leading": dict(timestep_spacing="leading")}
+from tests.test_schedulers import BETAS, REFERENCE_CONFIGS, SPACINGS, assert_close, dummy_model  # noqa: E402
 
 
 def _trajectory(scheduler, n, sample):
@@ -44,7 +41,8 @@ def test_pndm_loops_match(betas, skip_prk_steps):
 
 
 def test_sd_pndm_config_runs_51_evaluations_for_50_steps():
-    config = json.loads((REFERENCE_CONFIGS / "runwayml__stable-diffusion-v1-5/scheduler/scheduler_config.json").read_text())
+    path = REFERENCE_CONFIGS / "runwayml__stable-diffusion-v1-5" / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours = PNDMScheduler.from_config(config)
