@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "eta": args.eta, "seed": args.seed, "num_images": args.num_images, "class_label": args.class_label,
         "guidance": args.guidance, "color": args.color,
         "guidance_scale": args.guidance_scale if args.guidance else None,
+        "guidance_every": args.guidance_every if args.guidance else None,
+        "guidance_through_unet": args.guidance_through_unet if args.guidance else None,
         "dtype": args.dtype, "size": f"{x.shape[-1]}x{x.shape[-2]}", "software": "minidiff",
     }
     save_png(make_grid(to_pil(x.float())), args.out, {k: v for k, v in settings.items() if v is not None})

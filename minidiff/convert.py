@@ -48,7 +48,10 @@ def read_json(path: Path) -> dict:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file (memory-mapped) or a .bin/.ckpt/.pt file (weights only, no code)."""
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorsError as e:  # the message already names the file
+            raise ConversionError(str(e)) from None
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a file that is not a weights-only checkpoint
@@ -97,14 +100,16 @@ def convert_pixel(src: Path, dst: Path, dtype: torch.dtype | None) -> str:
     except ValueError as e:
         raise ConversionError(f"{unet_folder}/config.json: {e}") from None
     weights = find_weights(unet_folder)
+    state_dict = read_state_dict(weights)
     try:
-        state_dict = unet2d_from_diffusers(read_state_dict(weights), unet_config)
-    except (ValueError, SafetensorsError) as e:
+        state_dict = unet2d_from_diffusers(state_dict, unet_config)
+    except ValueError as e:
         raise ConversionError(f"{weights}: {e}") from None
     scheduler_config = read_json(scheduler_file) if scheduler_file else {"_class_name": "DDPMScheduler"}
     save_pixel_model(dst, state_dict, unet_config, scheduler_config, source=str(src.resolve()), dtype=dtype)
     n = sum(t.numel() for t in state_dict.values())
-    return f"converted {src} -> {dst}: UNet2DModel, {n / 1e6:.1f}M parameters, {len(state_dict)} tensors"
+    note = "" if scheduler_file else " (no scheduler_config.json: using diffusers' DDPMScheduler defaults)"
+    return f"converted {src} -> {dst}: UNet2DModel, {n / 1e6:.1f}M parameters, {len(state_dict)} tensors{note}"
 
 
 def main(argv: list[str] | None = None) -> int:

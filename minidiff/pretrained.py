@@ -85,6 +85,8 @@ def save_pixel_model(
 def read_config(path: str | os.PathLike) -> dict:
     """The parsed config.json of a minidiff model folder, with a clear error if there is none."""
     path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path} does not exist or is not a folder")
     config_file = path / "config.json"
     if not config_file.is_file():
         hint = " (a diffusers or hub folder? convert it first: python -m minidiff.convert SRC DST)"
