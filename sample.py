@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="default: the model's sample_size")
     parser.add_argument("--guidance", choices=["color"], help="steer sampling with a loss on the predicted image")
     parser.add_argument("--color", help='target colour for --guidance color, as "#RRGGBB"')
-    parser.add_argument("--guidance-scale", type=float, default=40.0, help="loss multiplier (the course uses 40)")
-    parser.add_argument("--guidance-every", type=int, default=1, help="guide every k-th step only")
+    parser.add_argument("--guidance-scale", type=float, help="loss multiplier (default 40, as in the course)")
+    parser.add_argument("--guidance-every", type=int, help="guide every k-th step only (default 1: every step)")
     parser.add_argument("--guidance-through-unet", action="store_true",
                         help="differentiate through the UNet too (the course's second variant; slower)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision")
@@ -61,6 +61,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError('--guidance color needs a target: add --color "#RRGGBB"')
     if args.color and args.guidance != "color":
         raise ValueError("--color is the target of colour guidance: add --guidance color")
+    guidance_options = [args.guidance_scale is not None, args.guidance_every is not None, args.guidance_through_unet]
+    if args.guidance is None and any(guidance_options):
+        raise ValueError("--guidance-scale, --guidance-every and --guidance-through-unet need --guidance")
+    args.guidance_scale = 40.0 if args.guidance_scale is None else args.guidance_scale
+    args.guidance_every = 1 if args.guidance_every is None else args.guidance_every
     if args.guidance_every < 1:
         raise ValueError("--guidance-every must be at least 1")
     if args.out.suffix.lower() != ".png":
