@@ -21,14 +21,15 @@ state dicts load by identity; minidiff/clip_keymaps.py handles prefixes, open_cl
 """
 
 import math
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from .config import from_json_dict
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -61,13 +62,8 @@ _GENERIC_KEYS = frozenset("""
 
 
 def _read_config(cls, d: dict):
-    """Build a config dataclass from a transformers config dict: "_" keys and generic keys are skipped, other
-    unknown keys are ignored with a warning naming them."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in names and k not in _GENERIC_KEYS)
-    if unknown:
-        warnings.warn(f"{cls.__name__}.from_dict: ignoring unknown keys {unknown}", stacklevel=3)
-    return cls(**{k: v for k, v in d.items() if k in names})
+    """A config dataclass from a transformers config dict; transformers' generic keys are skipped silently."""
+    return from_json_dict(cls, d, ignore=_GENERIC_KEYS)
 
 
 def _validate(config) -> None:

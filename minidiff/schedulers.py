@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from minidiff.config import from_json_dict
 from minidiff.noise import Generator, randn_tensor
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -199,12 +199,7 @@ class Scheduler:
         dropped silently. Any other unknown key is ignored with a warning; invalid values raise ValueError."""
         if isinstance(config, ScheduleConfig):
             config = dataclasses.asdict(config)
-        known = {field.name for field in dataclasses.fields(cls.config_class)}
-        ignored = known | OTHER_SCHEDULER_KEYS
-        unknown = sorted(k for k in config if k not in ignored and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"{cls.__name__}.from_config ignores unknown keys: {', '.join(unknown)}", stacklevel=2)
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**dataclasses.asdict(from_json_dict(cls.config_class, config, ignore=OTHER_SCHEDULER_KEYS)))
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -11,12 +11,12 @@ UNetMidBlock2D, UpBlock2D, AttnUpBlock2D). Module names equal diffusers' names, 
 state dict loads by identity (see minidiff/convert.py for the legacy names of old hub checkpoints).
 """
 
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import from_json_dict
 from .layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
 
 
@@ -132,11 +132,7 @@ class UNet2DConfig:
         Keys starting with "_" (_class_name, _diffusers_version, ...) are dropped; other unknown keys are
         ignored with a warning naming them; invalid values raise ValueError.
         """
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
-        if unknown:
-            warnings.warn(f"UNet2DConfig.from_dict: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_json_dict(cls, d)
 
 
 class DownBlock(nn.Module):

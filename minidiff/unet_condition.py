@@ -15,12 +15,12 @@ Module names equal diffusers' names, so a diffusers state dict loads by identity
 also reads the original single-file checkpoints).
 """
 
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import from_json_dict
 from .layers import ACTIVATIONS, Downsample, ResnetBlock, TimestepEmbedding, Upsample, activation, timestep_embedding
 from .transformer import Transformer2D
 
@@ -169,12 +169,8 @@ class UNet2DConditionConfig:
             if not all(v in off for v in values):
                 raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not supported (minidiff implements "
                                  f"the SD 1.x/2.x UNet, where it is {off[0]!r})")
-        names = {f.name for f in fields(cls)}
-        known = names | set(UNSUPPORTED) | {"addition_embed_type_num_heads"}  # read only with addition_embed_type
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
-        if unknown:
-            warnings.warn(f"UNet2DConditionConfig.from_dict: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # UNSUPPORTED options are checked above; addition_embed_type_num_heads is read only with addition_embed_type
+        return from_json_dict(cls, d, ignore={*UNSUPPORTED, "addition_embed_type_num_heads"})
 
 
 def _resnet(in_channels: int, out_channels: int, temb_channels: int, cfg: UNet2DConditionConfig,

@@ -19,12 +19,12 @@ UNetMidBlock2D). Module names equal diffusers' names, so a diffusers state dict 
 (minidiff/vae_keymaps.py also reads old diffusers names and original LDM checkpoints).
 """
 
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import from_json_dict
 from .layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, Upsample
 from .noise import Generator, randn_tensor
 
@@ -114,11 +114,7 @@ class AutoencoderKLConfig:
         Keys starting with "_" (_class_name, _diffusers_version, ...) are dropped; other unknown keys are
         ignored with a warning naming them; invalid values raise ValueError.
         """
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
-        if unknown:
-            warnings.warn(f"AutoencoderKLConfig.from_dict: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_json_dict(cls, d)
 
 
 class DiagonalGaussian:
