@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor as ref_randn_tensor  # noqa
 from minidiff.noise import randn_tensor  # noqa: E402
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler, spaced_timesteps  # noqa: E402
 
-REFERENCE_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference_configs"
+REFERENCE_CONFIGS = Path(__file__).resolve().parent / "reference_configs"  # copies of the real hub configs
 
 BETAS = {
     "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
@@ -277,6 +277,10 @@ def test_ddim_prev_timestep_is_t_minus_stride():
     a, a_prev = ours.alphas_cumprod[999], ours.alphas_cumprod[999 - 142]
     x0 = ((sample - (1 - a) ** 0.5 * model_output) / a**0.5).clamp(-1, 1)
     torch.testing.assert_close(stepped, a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * model_output)
+
+
+def test_reference_configs_are_in_the_repository():
+    assert len(list(REFERENCE_CONFIGS.glob("*/scheduler/scheduler_config.json"))) == 8
 
 
 @pytest.mark.parametrize("path", sorted(REFERENCE_CONFIGS.glob("*/scheduler/scheduler_config.json")),

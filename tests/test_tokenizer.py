@@ -22,7 +22,7 @@ import torch
 
 from minidiff.tokenizer import CLIPTokenizer, clean, load_clip_bpe
 
-REFERENCE_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference_configs"
+REFERENCE_CONFIGS = Path(__file__).resolve().parent / "reference_configs"  # copies of the real hub configs
 SD_TOKENIZERS = {"sd1": "runwayml__stable-diffusion-v1-5", "sd2": "stabilityai__stable-diffusion-2-1"}
 BOS, EOS = 49406, 49407
 
