@@ -88,19 +88,20 @@ class PNDMScheduler(Scheduler):
         return SchedulerOutput(prev_sample, None) if return_dict else (prev_sample,)
 
     def _step_prk(self, eps: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
-        """Runge-Kutta warm-up (eq. 13): four evaluations per interval, weights 1/6, 1/3, 1/3, 1/6."""
+        """Runge-Kutta warm-up (eq. 13): four evaluations per interval, weights 1/6, 1/3, 1/3, 1/6 (multiplied,
+        not divided, as diffusers does: x * (1/6) and x / 6 round differently, and the steps are bit-identical)."""
         delta = self.config.num_train_timesteps // self.num_inference_steps
         prev_t = t - (0 if self.counter % 2 else delta // 2)
         t = self.prk_timesteps[self.counter // 4 * 4]  # every stage transfers from the interval's start
         stage = self.counter % 4
         if stage == 0:
-            self.cur_model_output = self.cur_model_output + eps / 6
+            self.cur_model_output = self.cur_model_output + 1 / 6 * eps
             self.ets.append(eps)
             self.cur_sample = sample
         elif stage in (1, 2):
-            self.cur_model_output = self.cur_model_output + eps / 3
+            self.cur_model_output = self.cur_model_output + 1 / 3 * eps
         else:
-            eps = self.cur_model_output + eps / 6
+            eps = self.cur_model_output + 1 / 6 * eps
             self.cur_model_output = 0
         start = self.cur_sample if self.cur_sample is not None else sample
         return self.transfer(start, t, prev_t, eps)
@@ -126,6 +127,6 @@ class PNDMScheduler(Scheduler):
             eps = (3 * ets[-1] - ets[-2]) / 2
         elif len(ets) == 3:
             eps = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
-        else:
-            eps = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        else:  # times 1/24, not divided by 24, as diffusers: bit-identical
+            eps = 1 / 24 * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
         return self.transfer(sample, t, prev_t, eps)
