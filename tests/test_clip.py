@@ -482,3 +482,19 @@ def test_full_size_sd2_text_encoder():
     config = clip.CLIPTextConfig.from_dict(dict(SD2_TEXT))
     ours = minidiff_model(clip.CLIPTextModel, config, text_encoder_from_sd(sd2_checkpoint(text), config))
     assert_text_parity(ours, ref, token_ids(77, rows=2))
+
+
+def test_full_size_vit_b32_through_the_open_clip_layout():
+    """openai/clip-vit-base-patch32 (151M parameters; the model of the course's CLIP guidance, which loads it
+    with open_clip: config reconstructed in tests/reference_configs/RECONSTRUCTED.md). transformers' model,
+    rewritten in the open_clip / OpenAI layout, converts to the same CLIPModel."""
+    text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                max_position_embeddings=77, hidden_act="quick_gelu", vocab_size=49408)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  patch_size=32, image_size=224, hidden_act="quick_gelu")
+    ref = reference(transformers.CLIPModel, transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                                    projection_dim=512))
+    config = config_from(clip.CLIPConfig, ref)
+    ours = minidiff_model(clip.CLIPModel, config, clip_from_open_clip(to_open_clip(ref.state_dict()), config))
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(8))
+    assert_clip_parity(ours, ref, token_ids(77, rows=2), pixels)
