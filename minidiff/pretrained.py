@@ -1,20 +1,28 @@
 """A minidiff model on disk: a folder holding config.json and one .safetensors file per component.
 
-    weights/ddpm-celebahq-256/
-        config.json         {"kind": "pixel", "unet": {"class": ..., "config": {...}}, "scheduler": {...}, ...}
-        unet.safetensors    the UNet's state dict under minidiff's own key names
+    weights/ddpm-celebahq-256/              weights/stable-diffusion-v1-5/
+        config.json                             config.json
+        unet.safetensors                        unet.safetensors, vae.safetensors, text_encoder.safetensors
+                                                tokenizer/vocab.json, merges.txt (only if not CLIP's own)
 
-config.json is human-readable: the component configs use diffusers' field names and the scheduler section
-is a diffusers scheduler_config.json as it is. Weights load memory-mapped, straight into the module (no
-random init first, no copy unless a dtype change asks for one).
+config.json is human-readable. It says what kind of model the folder holds and gives each component's class
+and config, under diffusers' / transformers' field names:
+
+    {"minidiff_version": ..., "kind": "pixel" | "stable-diffusion" | "clip", "source": "where it came from",
+     "unet": {"class": "UNet2DModel", "config": {...}},          one section per .safetensors file
+     "tokenizer": {"pad_token": "!", "model_max_length": 77},    Stable Diffusion and CLIP (text) only
+     "scheduler": {...}}                                         a diffusers scheduler_config.json as it is
+
+Weights load memory-mapped, straight into a module built on the meta device (no random init first, no copy
+unless a dtype change asks for one), and strictly: every key and shape must fit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,17 +30,42 @@ from torch import nn
 
 from minidiff import __version__
 from minidiff.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
+from minidiff.clip import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+from minidiff.config import to_json_dict
 from minidiff.keymaps import check_state_dict
 from minidiff.pipelines import PixelPipeline
+from minidiff.pndm import PNDMScheduler
 from minidiff.safetensors import load_file, save_file
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler
+from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from minidiff.stable_diffusion import StableDiffusion
+from minidiff.tokenizer import CLIPTokenizer, read_tokenizer_folder
 from minidiff.unet import UNet2DConfig, UNet2DModel
+from minidiff.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+from minidiff.vae import AutoencoderKL, AutoencoderKLConfig
 
-UNET_CLASSES = {
+# What a component section's "class" may name: the module class and how to read its config.
+MODEL_CLASSES = {
     "UNet2DModel": (UNet2DModel, UNet2DConfig.from_dict),
     "ClassConditionedUNet": (ClassConditionedUNet, lambda d: ClassConditionedConfig(**d)),
+    "UNet2DConditionModel": (UNet2DConditionModel, UNet2DConditionConfig.from_dict),
+    "AutoencoderKL": (AutoencoderKL, AutoencoderKLConfig.from_dict),
+    "CLIPTextModel": (CLIPTextModel, CLIPTextConfig.from_dict),
+    "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig.from_dict),
+    "CLIPVisionModel": (CLIPVisionModel, CLIPVisionConfig.from_dict),
+    "CLIPVisionModelWithProjection": (CLIPVisionModelWithProjection, CLIPVisionConfig.from_dict),
+    "CLIPModel": (CLIPModel, CLIPConfig.from_dict),
 }
-SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+CLIP_CLASSES = tuple(name for name in MODEL_CLASSES if name.startswith("CLIP"))
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -40,9 +73,37 @@ class ModelFolderError(ValueError):
     """A folder that is not a minidiff model, or not the kind asked for; the message says what to do."""
 
 
-def config_to_dict(config: object) -> dict:
-    """A config dataclass -> JSON-ready dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+def save_model_folder(
+    path: str | os.PathLike,
+    config: dict,
+    components: Mapping[str, Mapping[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+    files: Mapping[str, str] | None = None,
+) -> None:
+    """Write a model folder at `path` (which must not exist yet): config.json (`config`, with minidiff's version
+    first), one <name>.safetensors per entry of `components` ({name: state dict}, floating-point tensors cast
+    to `dtype` if given) and the text `files` ({relative path: content}, e.g. "tokenizer/vocab.json").
+
+    Everything is written into a temporary sibling folder that is renamed into place at the end, so a failed
+    run leaves nothing half-written and never touches an existing folder."""
+    path = Path(path)
+    if path.exists():
+        raise ModelFolderError(f"{path} already exists: choose a new output folder or remove it first")
+    temp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        for name, state_dict in components.items():
+            if dtype is not None:
+                state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+            save_file(state_dict, temp / f"{name}.safetensors")
+        for name, text in (files or {}).items():
+            (temp / name).parent.mkdir(parents=True, exist_ok=True)
+            (temp / name).write_text(text, encoding="utf-8")
+        (temp / "config.json").write_text(json.dumps({"minidiff_version": __version__, **config}, indent=2) + "\n")
+        os.replace(temp, path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def save_pixel_model(
@@ -53,33 +114,16 @@ def save_pixel_model(
     source: str = "",
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Write a pixel-space model folder at `path` (which must not exist yet).
-
-    Everything is written into a temporary sibling folder that is renamed into place at the end, so a failed
-    run leaves nothing half-written and never touches an existing folder."""
-    path = Path(path)
-    if path.exists():
-        raise ModelFolderError(f"{path} already exists: choose a new output folder or remove it first")
+    """Write a pixel-space model folder at `path` (which must not exist yet): see save_model_folder."""
     unet_class = "ClassConditionedUNet" if isinstance(unet_config, ClassConditionedConfig) else "UNet2DModel"
-    state_dict = unet.state_dict() if isinstance(unet, nn.Module) else unet
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     config = {
-        "minidiff_version": __version__,
         "kind": "pixel",
         "source": source,
-        "unet": {"class": unet_class, "config": config_to_dict(unet_config)},
+        "unet": {"class": unet_class, "config": to_json_dict(unet_config)},
         "scheduler": scheduler_config,
     }
-    temp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    try:
-        save_file(state_dict, temp / "unet.safetensors")
-        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(temp, path)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    state_dict = unet.state_dict() if isinstance(unet, nn.Module) else unet
+    save_model_folder(path, config, {"unet": state_dict}, dtype)
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -113,6 +157,43 @@ def load_module(module: nn.Module, weights: str | os.PathLike, dtype: torch.dtyp
     return module.eval().requires_grad_(False)
 
 
+def load_component(path: Path, config: dict, name: str, classes: tuple[str, ...], dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu") -> nn.Module:
+    """Build the module that section `name` of a folder's config.json describes (its class must be one of
+    `classes`) on the meta device, and fill it with <name>.safetensors, strictly."""
+    section = config.get(name)
+    found = section.get("class") if isinstance(section, dict) else None
+    if found not in classes:
+        raise ModelFolderError(f"{path}/config.json: the {name} section names class {found!r}, not one of "
+                               f"{', '.join(classes)}")
+    model_class, make_config = MODEL_CLASSES[found]
+    try:
+        component_config = make_config(section["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}/config.json: invalid {name} config: {e}") from None
+    with torch.device("meta"):
+        module = model_class(component_config)
+    return load_module(module, path / f"{name}.safetensors", dtype).to(device)
+
+
+def make_scheduler(path: Path, scheduler_config: dict, name: str | None, allowed: tuple[str, ...]) -> Scheduler:
+    """The scheduler `name` (one of `allowed`; None: the class scheduler_config names) built from the folder's
+    scheduler config, so that the noise schedule the model was trained with is kept."""
+    by_class = {SCHEDULERS[key].__name__: SCHEDULERS[key] for key in allowed}
+    class_name = SCHEDULERS[name].__name__ if name in allowed else name or scheduler_config.get("_class_name")
+    if class_name not in by_class:
+        raise ModelFolderError(f"{path}: scheduler {class_name!r} is not one of {', '.join(allowed)}: pass one of "
+                               "those (the folder's noise schedule is kept)")
+    return by_class[class_name].from_config(dict(scheduler_config))
+
+
+def read_kind(path: Path, kind: str, what: str) -> dict:
+    config = read_config(path)
+    if config["kind"] != kind:
+        raise ModelFolderError(f"{path} holds a {config['kind']!r} model, not {what}")
+    return config
+
+
 def load_pixel_pipeline(
     path: str | os.PathLike,
     scheduler: str | None = None,
@@ -122,24 +203,51 @@ def load_pixel_pipeline(
     """Load a pixel-space model folder as a PixelPipeline. `scheduler` ("ddpm" or "ddim") overrides the
     folder's own scheduler class, keeping its config (the noise schedule the model was trained with)."""
     path = Path(path)
-    config = read_config(path)
-    if config["kind"] != "pixel":
-        raise ModelFolderError(f"{path} holds a {config['kind']!r} model, not a pixel-space DDPM")
-    unet_section = config["unet"]
-    if unet_section.get("class") not in UNET_CLASSES:
-        raise ModelFolderError(f"{path}/config.json: unknown UNet class {unet_section.get('class')!r}")
-    unet_class, make_config = UNET_CLASSES[unet_section["class"]]
-    try:
-        unet_config = make_config(unet_section["config"])
-    except (TypeError, ValueError) as e:
-        raise ModelFolderError(f"{path}/config.json: invalid UNet config: {e}") from None
-    with torch.device("meta"):
-        unet = unet_class(unet_config)
-    unet = load_module(unet, path / "unet.safetensors", dtype).to(device)
+    config = read_kind(path, "pixel", "a pixel-space DDPM")
+    unet = load_component(path, config, "unet", ("UNet2DModel", "ClassConditionedUNet"), dtype, device)
+    return PixelPipeline(unet, make_scheduler(path, config["scheduler"], scheduler, ("ddpm", "ddim")))
 
-    scheduler_config = dict(config["scheduler"])
-    name = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}.get(scheduler, scheduler)
-    name = name or scheduler_config.get("_class_name")
-    if name not in SCHEDULERS:
-        raise ModelFolderError(f"{path}: scheduler {name!r} is not one of ddpm, ddim")
-    return PixelPipeline(unet, SCHEDULERS[name].from_config(scheduler_config))
+
+def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:
+    """CLIP's tokenizer with the folder's pad token, length and added tokens; the vocabulary from the folder's
+    tokenizer/ if the model brought one that differs from CLIP's own, else CLIP's shipped one."""
+    vocab, merges = None, None  # CLIP's own
+    if (path / "tokenizer").is_dir():
+        files = read_tokenizer_folder(path / "tokenizer")
+        vocab, merges = files.vocab, files.merges
+    tokenizer = CLIPTokenizer(vocab, merges, section["pad_token"], section["model_max_length"])
+    added = section.get("added_tokens", [])
+    if tokenizer.add_tokens(added) != len(added):
+        raise ModelFolderError(f"{path}/config.json: an added token is already in the vocabulary: {added}")
+    return tokenizer
+
+
+def load_stable_diffusion(
+    path: str | os.PathLike,
+    scheduler: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> StableDiffusion:
+    """Load a Stable Diffusion model folder (python -m minidiff.convert makes one from a diffusers pipeline or an
+    original single-file checkpoint). `scheduler` ("ddim", "ddpm" or "pndm") overrides the folder's own
+    scheduler class, keeping its config (noise schedule, prediction type)."""
+    path = Path(path)
+    config = read_kind(path, "stable-diffusion", "Stable Diffusion")
+    return StableDiffusion(
+        unet=load_component(path, config, "unet", ("UNet2DConditionModel",), dtype, device),
+        vae=load_component(path, config, "vae", ("AutoencoderKL",), dtype, device),
+        text_encoder=load_component(path, config, "text_encoder", ("CLIPTextModel",), dtype, device),
+        tokenizer=load_tokenizer(path, config["tokenizer"]),
+        scheduler=make_scheduler(path, config["scheduler"], scheduler, ("ddim", "ddpm", "pndm")),
+    )
+
+
+def load_clip(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, CLIPTokenizer | None]:
+    """Load a CLIP model folder: (CLIPModel, CLIPTextModel(WithProjection) or CLIPVisionModel(WithProjection),
+    its tokenizer; None for a vision-only model)."""
+    path = Path(path)
+    config = read_kind(path, "clip", "a CLIP model")
+    model = load_component(path, config, "clip", CLIP_CLASSES, dtype, device)
+    return model, load_tokenizer(path, config["tokenizer"]) if "tokenizer" in config else None

@@ -21,7 +21,7 @@ tests/test_tokenizer.py checks these statements.
 import gzip
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,21 +123,14 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
-        """Load a model's tokenizer folder in the transformers/diffusers layout: vocab.json, merges.txt (a
-        "#version" header, then one merge per line), and the pad token and length from tokenizer_config.json,
-        where special_tokens_map.json wins as in transformers (SD 2.x: its config says "<|endoftext|>", its
-        special_tokens_map says "!", and "!" is what the model was used with)."""
-        path = Path(path)
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        config = {}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # later wins
-            if (path / name).exists():
-                config.update(json.loads((path / name).read_text(encoding="utf-8")))
-        pad = config.get("pad_token", EOS)
-        pad = pad["content"] if isinstance(pad, dict) else pad  # a plain string or an AddedToken dict
-        return cls(vocab, merges, pad_token=pad, model_max_length=config.get("model_max_length", 77))
+        """Load a model's tokenizer folder in the transformers/diffusers layout (see read_tokenizer_folder), with
+        its pad token, length (77 if it names none) and added tokens."""
+        files = read_tokenizer_folder(path)
+        tokenizer = cls(files.vocab, files.merges, pad_token=files.pad_token,
+                        model_max_length=files.model_max_length or 77)
+        if tokenizer.add_tokens(files.added_tokens) != len(files.added_tokens):
+            raise ValueError(f"{path}: an added token is already in the vocabulary once cleaned: {files.added_tokens}")
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -264,3 +257,48 @@ class CLIPTokenizer:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask[i, : len(ids)] = 1
         return TokenizerOutput(input_ids, attention_mask if return_attention_mask else None)
+
+
+@dataclass
+class TokenizerFiles:
+    """What a hub tokenizer folder says."""
+
+    vocab: dict[str, int]  # token -> id, 49,408 entries for CLIP
+    merges: list[tuple[str, str]]  # in rank order
+    pad_token: str = EOS
+    model_max_length: int | None = None  # None: the folder does not say
+    added_tokens: list[str] = field(default_factory=list)  # ids len(vocab), len(vocab) + 1, ... (textual inversion)
+
+
+def read_tokenizer_folder(path: str | Path) -> TokenizerFiles:
+    """Read a tokenizer folder as transformers writes it: vocab.json + merges.txt (a "#version" header, then one
+    merge per line; hub repos), or tokenizer.json alone (transformers 5's save_pretrained). The pad token and
+    length come from tokenizer_config.json, where special_tokens_map.json wins as in transformers (SD 2.x: its
+    config says "<|endoftext|>", its special_tokens_map says "!", and "!" is what the model was used with).
+    Added tokens are the entries with ids past the vocabulary, from tokenizer.json, added_tokens.json or
+    tokenizer_config.json's added_tokens_decoder; they must follow the vocabulary without gaps."""
+    path = Path(path)
+
+    def read(name: str) -> dict:
+        return json.loads((path / name).read_text(encoding="utf-8")) if (path / name).is_file() else {}
+
+    fast, config = read("tokenizer.json"), {**read("tokenizer_config.json"), **read("special_tokens_map.json")}
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        vocab = read("vocab.json")
+        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    elif fast.get("model", {}).get("type") == "BPE":
+        vocab = fast["model"]["vocab"]
+        merges = [tuple(m.split() if isinstance(m, str) else m) for m in fast["model"]["merges"]]
+    else:
+        raise FileNotFoundError(f"{path}: no vocab.json + merges.txt, and no BPE tokenizer.json")
+    added = {entry["content"]: entry["id"] for entry in fast.get("added_tokens", [])}
+    added |= read("added_tokens.json")
+    added |= {entry["content"]: int(i) for i, entry in config.get("added_tokens_decoder", {}).items()}
+    added = sorted((i, token) for token, i in added.items() if i >= len(vocab))
+    if [i for i, _ in added] != list(range(len(vocab), len(vocab) + len(added))):
+        raise ValueError(f"{path}: added token ids {[i for i, _ in added]} do not follow the vocabulary "
+                         f"({len(vocab)} tokens) without gaps")
+    pad = config.get("pad_token", EOS)
+    return TokenizerFiles(vocab, merges, pad["content"] if isinstance(pad, dict) else pad,  # str or AddedToken
+                          config.get("model_max_length"), [token for _, token in added])

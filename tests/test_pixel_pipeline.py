@@ -283,7 +283,8 @@ def test_existing_destination_is_left_untouched(tiny, tmp_path, capsys):
 def test_source_must_be_a_diffusers_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.bin").write_bytes(b"")
-    for src, message in [("missing", "is not a folder"), ("file.bin", "is not a folder"),
+    # a file is read as a single-file checkpoint (tests/test_convert_sd.py); an empty one is none
+    for src, message in [("missing", "no such file or folder"), ("file.bin", "not a loadable weights-only"),
                          ("empty", "neither model_index.json nor config.json")]:
         assert convert_main([str(tmp_path / src), str(tmp_path / "md")]) == 2
         assert message in capsys.readouterr().err
