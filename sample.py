@@ -1,12 +1,19 @@
 """Sample images from a minidiff model folder and save them as one PNG grid.
 
-    python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 50 --num-images 4 --out faces.png
-    python sample.py --model weights/digits --class-label 7 --out sevens.png
-    python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 40 \
+Pixel-space models (converted google/ddpm-*, weights/digits):
+    python sample.py --model weights/digits --class-label 7 --num-images 8 --out sevens.png
+    python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 40 \\
         --guidance color --color "#55FFAA" --guidance-scale 40 --out green.png
+    python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 40 \\
+        --guidance clip --guidance-prompt "a red rose" --clip-model weights/clip-vit-b-32 --out rose.png
+Stable Diffusion models (converted SD 1.x / 2.x):
+    python sample.py --model weights/sd-1-5 --prompt "a watercolor fox" --negative-prompt "blurry" --out fox.png
+    python sample.py --model weights/sd-1-5 --prompt "..." --init-image photo.png --strength 0.6 --out img2img.png
+    python sample.py --model weights/sd-inpainting --prompt "..." --init-image photo.png --mask mask.png --out x.png
 
-A thin front of minidiff/pipelines.py: everything here is callable from Python. The PNG carries the
-settings that made it in its text metadata. A mistake in the arguments is one line on stderr and exit code 2.
+A thin front of minidiff/pipelines.py and minidiff/stable_diffusion.py: everything here is callable from
+Python. The PNG carries the settings that made it in its text metadata. A mistake in the arguments is one line
+on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,57 +24,79 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from minidiff.clip_guidance import clip_guidance
 from minidiff.guidance import LossGuidance, color_loss, parse_hex_color
 from minidiff.images import make_grid, save_png, to_pil
-from minidiff.pretrained import DTYPES, ModelFolderError, load_pixel_pipeline
+from minidiff.pretrained import (
+    DTYPES,
+    ModelFolderError,
+    load_clip,
+    load_pixel_pipeline,
+    load_stable_diffusion,
+    read_config,
+)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-sd"
+PIXEL_ONLY = ("class_label", "guidance", "color", "guidance_prompt", "clip_model", "cuts", "guidance_every")
+TEXT_ONLY = ("prompt", "negative_prompt", "init_image", "strength", "mask", "clip_skip")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True,
-                        help="a minidiff model folder (made by python -m minidiff.convert)")
-    parser.add_argument("--scheduler", choices=["ddpm", "ddim"], help="default: the model's own scheduler")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: all 1000 for DDPM, 50 for DDIM)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same images (and the same as diffusers)")
-    parser.add_argument("--num-images", type=int, default=1, help="images in the grid (one batch)")
-    parser.add_argument("--class-label", type=int, help="the class to draw, for class-conditioned models")
-    parser.add_argument("--height", type=int, help="default: the model's sample_size")
-    parser.add_argument("--width", type=int, help="default: the model's sample_size")
-    parser.add_argument("--guidance", choices=["color"], help="steer sampling with a loss on the predicted image")
-    parser.add_argument("--color", help='target colour for --guidance color, as "#RRGGBB"')
-    parser.add_argument("--guidance-scale", type=float, help="loss multiplier (default 40, as in the course)")
-    parser.add_argument("--guidance-every", type=int, help="guide every k-th step only (default 1: every step)")
-    parser.add_argument("--guidance-through-unet", action="store_true",
-                        help="differentiate through the UNet too (the course's second variant; slower)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (a grid of all images)")
+    common = parser.add_argument_group("every model")
+    common.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="a minidiff model folder (made by python -m minidiff.convert or train.py)")
+    common.add_argument("--scheduler", choices=["ddpm", "ddim", "pndm"], help="default: the model's own scheduler")
+    common.add_argument("--steps", type=int,
+                        help="denoising steps (default: 50; all 1000 for a pixel model's DDPM scheduler)")
+    common.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
+    common.add_argument("--seed", type=int, default=0, help="same seed, same images (and the same as diffusers)")
+    common.add_argument("--num-images", type=int, default=1, help="images in the grid (one batch)")
+    common.add_argument("--height", type=int, help="default: the model's sample size (SD: a multiple of 8)")
+    common.add_argument("--width", type=int, help="default: the model's sample size (SD: a multiple of 8)")
+    common.add_argument("--guidance-scale", type=float,
+                        help="Stable Diffusion: classifier-free guidance scale (default 7.5); pixel models: the "
+                             "loss multiplier of --guidance (default 40 for color, 8 for clip, as in the course)")
+    common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (a grid of all images)")
+    pixel = parser.add_argument_group("pixel-space models")
+    pixel.add_argument("--class-label", type=int, help="the class to draw, for class-conditioned models")
+    pixel.add_argument("--guidance", choices=["color", "clip"], help="steer sampling with a loss on the predicted x0")
+    pixel.add_argument("--color", help='target colour for --guidance color, as "#RRGGBB"')
+    pixel.add_argument("--guidance-prompt", help="the text CLIP steers towards, for --guidance clip")
+    pixel.add_argument("--clip-model", type=Path, help="a minidiff CLIP model folder, for --guidance clip")
+    pixel.add_argument("--cuts", type=int, help="random cutouts CLIP scores per step (default 4)")
+    pixel.add_argument("--guidance-every", type=int, help="guide every k-th step only (default 1: every step)")
+    pixel.add_argument("--guidance-through-unet", action="store_true",
+                       help="differentiate through the UNet too (the course's second variant; slower)")
+    text = parser.add_argument_group("Stable Diffusion models")
+    text.add_argument("--prompt", help="what to draw")
+    text.add_argument("--negative-prompt", help="what to steer away from (default: the empty prompt)")
+    text.add_argument("--init-image", type=Path, help="img2img / inpainting: the starting image")
+    text.add_argument("--strength", type=float, help="how much of --init-image to repaint, 0..1 (default 0.8, "
+                                                     "inpainting 1.0)")
+    text.add_argument("--mask", type=Path, help="inpainting: white = repaint, black = keep (needs --init-image)")
+    text.add_argument("--clip-skip", type=int, help="use the text encoder's k-th layer from the end (SD 1.x habit)")
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject combinations that make no sense, with the fix in the message."""
-    if args.num_images < 1:
-        raise ValueError("--num-images must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError("--steps must be at least 1")
+def given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Reject what makes no sense for any model, with the fix in the message."""
+    for name in ("num_images", "steps", "cuts", "guidance_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eta != 0.0 and args.scheduler != "ddim":
         raise ValueError("--eta applies to DDIM only: add --scheduler ddim")
-    if args.guidance == "color" and not args.color:
-        raise ValueError('--guidance color needs a target: add --color "#RRGGBB"')
-    if args.color and args.guidance != "color":
-        raise ValueError("--color is the target of colour guidance: add --guidance color")
-    guidance_options = [args.guidance_scale is not None, args.guidance_every is not None, args.guidance_through_unet]
-    if args.guidance is None and any(guidance_options):
-        raise ValueError("--guidance-scale, --guidance-every and --guidance-through-unet need --guidance")
-    args.guidance_scale = 40.0 if args.guidance_scale is None else args.guidance_scale
-    args.guidance_every = 1 if args.guidance_every is None else args.guidance_every
-    if args.guidance_every < 1:
-        raise ValueError("--guidance-every must be at least 1")
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out} must end in .png")
     if not args.out.parent.is_dir():
@@ -76,44 +105,118 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, side)
         if value is not None and value < 8:
             raise ValueError(f"--{side} must be at least 8 pixels")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def pixel_guidance(args: argparse.Namespace, dtype: torch.dtype) -> LossGuidance | None:
+    """The --guidance options -> a LossGuidance (or None), after checking they fit together."""
+    if args.guidance is None:
+        extra = given(args, ("color", "guidance_prompt", "clip_model", "cuts", "guidance_every",
+                             "guidance_through_unet", "guidance_scale"))
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: only with guidance; add --guidance color or --guidance clip")
+        return None
+    every = args.guidance_every or 1
+    if args.guidance == "color":
+        if not args.color:
+            raise ValueError('--guidance color needs a target: add --color "#RRGGBB"')
+        if given(args, ("guidance_prompt", "clip_model", "cuts")):
+            raise ValueError("--guidance-prompt, --clip-model and --cuts belong to --guidance clip")
+        target = parse_hex_color(args.color)
+        scale = 40.0 if args.guidance_scale is None else args.guidance_scale
+        return LossGuidance(lambda x0: color_loss(x0, target), scale, every, args.guidance_through_unet)
+    if args.color:
+        raise ValueError("--color is the target of colour guidance: use --guidance color")
+    if not args.guidance_prompt or not args.clip_model:
+        raise ValueError('--guidance clip needs --guidance-prompt "..." and --clip-model DIR (a CLIP model folder)')
+    clip_model, tokenizer = load_clip(args.clip_model, dtype, args.device)
+    if not hasattr(clip_model, "get_image_features") or tokenizer is None:
+        raise ValueError(f"--clip-model {args.clip_model} must be a full CLIP model (text and vision towers)")
+    return clip_guidance(clip_model, tokenizer, args.guidance_prompt, 8.0 if args.guidance_scale is None
+                         else args.guidance_scale, args.cuts or 4, every,
+                         torch.Generator().manual_seed(args.seed), through_unet=args.guidance_through_unet)
+
+
+def sample_pixel(args: argparse.Namespace, dtype: torch.dtype):
+    """Pixel-space model -> (images in [-1, 1], settings); the loop is PixelPipeline.denoise."""
+    if extra := given(args, TEXT_ONLY):
+        raise ValueError(f"{args.model} is a pixel-space model: {', '.join(extra)} belong to Stable Diffusion models")
+    if args.scheduler == "pndm":
+        raise ValueError("--scheduler pndm is for Stable Diffusion models; pixel models take ddpm or ddim")
+    pipe = load_pixel_pipeline(args.model, args.scheduler, dtype, args.device)
+    guidance = pixel_guidance(args, dtype)
+    labels = None if args.class_label is None else [args.class_label] * args.num_images
+    generator = torch.Generator().manual_seed(args.seed)
+    x, labels = pipe.prepare(args.num_images, args.steps, generator, args.height, args.width, labels)
+    steps = len(pipe.scheduler.timesteps)
+    with torch.no_grad():
+        for x_prev in tqdm(pipe.denoise(x, labels, guidance, generator, args.eta), total=steps, unit="step"):
+            x = x_prev
+    settings = {"class_label": args.class_label, "guidance": args.guidance}
+    if args.guidance:
+        settings.update(color=args.color, guidance_prompt=args.guidance_prompt, guidance_scale=guidance.scale,
+                        guidance_every=guidance.every, guidance_through_unet=args.guidance_through_unet)
+    return x, steps, type(pipe.scheduler).__name__, settings
+
+
+def sample_text(args: argparse.Namespace, dtype: torch.dtype):
+    """Stable Diffusion model -> (images in [-1, 1], settings); the loop is StableDiffusion.denoise."""
+    if extra := given(args, PIXEL_ONLY + ("guidance_through_unet",)):
+        raise ValueError(f"{args.model} is a Stable Diffusion model: {', '.join(extra)} belong to pixel-space models")
+    if args.prompt is None:
+        raise ValueError('a Stable Diffusion model needs --prompt "..."')
+    if (args.mask or args.strength is not None) and not args.init_image:
+        raise ValueError("--mask and --strength work on a starting image: add --init-image PATH")
+    images = {}
+    for name in ("init_image", "mask"):
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                images[name] = Image.open(path)
+                images[name].load()
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"--{name.replace('_', '-')} {path}: cannot read it as an image ({e})") from None
+    sd = load_stable_diffusion(args.model, args.scheduler, dtype, args.device)
+    guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+    generator = torch.Generator().manual_seed(args.seed)
+    run = sd.prepare(args.prompt, args.negative_prompt, args.height, args.width, args.steps or 50, guidance_scale,
+                     args.num_images, generator, image=images.get("init_image"), mask_image=images.get("mask"),
+                     strength=args.strength, clip_skip=args.clip_skip)
+    latents = run.latents
+    with torch.no_grad():
+        for step_latents in tqdm(sd.denoise(run, eta=args.eta, generator=generator), total=len(run.timesteps),
+                                 unit="step"):
+            latents = step_latents
+        x = sd.decode_latents(latents)
+    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance_scale": guidance_scale,
+                "init_image": args.init_image, "strength": args.strength, "mask": args.mask,
+                "clip_skip": args.clip_skip}
+    return x, len(run.timesteps), type(sd.scheduler).__name__, settings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_args(args)
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
-        pipe = load_pixel_pipeline(args.model, args.scheduler, DTYPES[args.dtype], args.device)
-        guidance = None
-        if args.guidance == "color":
-            target = parse_hex_color(args.color)
-            guidance = LossGuidance(lambda x0: color_loss(x0, target), args.guidance_scale, args.guidance_every,
-                                    args.guidance_through_unet)
-        labels = None if args.class_label is None else [args.class_label] * args.num_images
-        generator = torch.Generator().manual_seed(args.seed)
-        x, labels = pipe.prepare(args.num_images, args.steps, generator, args.height, args.width, labels)
+        check_common(args)
+        if args.model == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
+            raise ValueError(f"no --model given and the default {DEFAULT_MODEL} is not there: pass --model DIR "
+                             "(e.g. --model weights/digits --class-label 7)")
+        kind = read_config(args.model)["kind"]
+        if kind not in ("pixel", "stable-diffusion"):
+            raise ValueError(f"{args.model} holds a {kind!r} model, which does not generate images")
+        start = time.perf_counter()
+        sample = sample_pixel if kind == "pixel" else sample_text
+        x, steps, scheduler, settings = sample(args, DTYPES[args.dtype])
     except (ValueError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    start = time.perf_counter()
-    steps = pipe.scheduler.timesteps
-    with torch.no_grad():
-        for x_prev in tqdm(pipe.denoise(x, labels, guidance, generator, args.eta), total=len(steps), unit="step"):
-            x = x_prev
     seconds = time.perf_counter() - start
-    settings = {
-        "model": str(args.model), "scheduler": type(pipe.scheduler).__name__, "steps": len(steps),
-        "eta": args.eta, "seed": args.seed, "num_images": args.num_images, "class_label": args.class_label,
-        "guidance": args.guidance, "color": args.color,
-        "guidance_scale": args.guidance_scale if args.guidance else None,
-        "guidance_every": args.guidance_every if args.guidance else None,
-        "guidance_through_unet": args.guidance_through_unet if args.guidance else None,
-        "dtype": args.dtype, "size": f"{x.shape[-1]}x{x.shape[-2]}", "software": "minidiff",
-    }
-    save_png(make_grid(to_pil(x.float())), args.out, {k: v for k, v in settings.items() if v is not None})
-    print(f"wrote {args.out} ({args.num_images} image(s), {len(steps)} steps, {seconds:.1f}s)")
+    settings = {"model": str(args.model), "scheduler": scheduler, "steps": steps, "eta": args.eta,
+                "seed": args.seed, "num_images": args.num_images, **settings, "dtype": args.dtype,
+                "size": f"{x.shape[-1]}x{x.shape[-2]}", "software": "minidiff"}
+    save_png(make_grid(to_pil(x.float())), args.out, {k: v for k, v in settings.items() if v not in (None, False)})
+    print(f"wrote {args.out} ({args.num_images} image(s), {steps} steps, {seconds:.1f}s)")
     return 0
 
 

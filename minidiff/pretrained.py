@@ -47,7 +47,7 @@ from minidiff.pndm import PNDMScheduler
 from minidiff.safetensors import load_file, save_file
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from minidiff.stable_diffusion import StableDiffusion
-from minidiff.tokenizer import CLIPTokenizer, read_tokenizer_folder
+from minidiff.tokenizer import CLIPTokenizer, load_clip_bpe, read_tokenizer_folder
 from minidiff.unet import UNet2DConfig, UNet2DModel
 from minidiff.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
 from minidiff.vae import AutoencoderKL, AutoencoderKLConfig
@@ -220,6 +220,28 @@ def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:
     if tokenizer.add_tokens(added) != len(added):
         raise ModelFolderError(f"{path}/config.json: an added token is already in the vocabulary: {added}")
     return tokenizer
+
+
+def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: str = "",
+                          dtype: torch.dtype | None = None) -> None:
+    """Write a loaded (or trained) StableDiffusion as a model folder that load_stable_diffusion reads back: its
+    components, its scheduler's config, and the tokenizer's pad token, length and added tokens (with the
+    vocabulary files only if they are not CLIP's own)."""
+    tokenizer = sd.tokenizer
+    section = {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.model_max_length}
+    if tokenizer.added_tokens:
+        section["added_tokens"] = sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get)
+    files = {}
+    vocab, merges = load_clip_bpe()
+    if tokenizer.encoder != vocab or list(tokenizer.bpe_ranks) != merges:
+        files["tokenizer/vocab.json"] = json.dumps(tokenizer.encoder, ensure_ascii=False)
+        files["tokenizer/merges.txt"] = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.bpe_ranks)
+    modules = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
+    config = {"kind": "stable-diffusion", "source": source,
+              **{name: {"class": type(m).__name__, "config": to_json_dict(m.config)} for name, m in modules.items()},
+              "tokenizer": section,
+              "scheduler": {"_class_name": type(sd.scheduler).__name__, **to_json_dict(sd.scheduler.config)}}
+    save_model_folder(path, config, {name: m.state_dict() for name, m in modules.items()}, dtype, files)
 
 
 def load_stable_diffusion(

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -108,8 +109,8 @@ def test_colour_guidance_is_applied_and_recorded(models, tmp_path):
         (["--steps", "1001"], "from 1 to 1000"),
         (["--num-images", "0"], "--num-images"),
         (["--guidance", "color", "--color", "#55FFAA", "--guidance-every", "0"], "--guidance-every"),
-        (["--guidance-scale", "10"], "need --guidance"),
-        (["--guidance-through-unet"], "need --guidance"),
+        (["--guidance-scale", "10"], "add --guidance color"),
+        (["--guidance-through-unet"], "add --guidance color"),
         (["--out", "grid.jpg"], "must end in .png"),
         (["--out", "no/such/folder/grid.png"], "does not exist"),
     ],
@@ -163,3 +164,137 @@ def test_command_line_smoke(models, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout and Image.open(out).size == (16, 16)
+
+
+# ---- Stable Diffusion models and CLIP guidance ----------------------------------------------------------------
+
+
+def tiny_stable_diffusion(in_channels: int = 4):
+    """A random tiny SD: 2-level UNet with cross-attention, 2-level VAE (factor 2), 2-layer CLIP text encoder."""
+    from minidiff.clip import CLIPTextConfig, CLIPTextModel
+    from minidiff.schedulers import DDIMScheduler
+    from minidiff.stable_diffusion import StableDiffusion
+    from minidiff.tokenizer import CLIPTokenizer
+    from minidiff.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+    from minidiff.vae import AutoencoderKL, AutoencoderKLConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNet2DConditionConfig(
+        sample_size=8, in_channels=in_channels, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=32, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))  # fmt: skip
+    vae = AutoencoderKL(AutoencoderKLConfig(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))  # fmt: skip
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusion(unet, vae, text, CLIPTokenizer(), scheduler)
+
+
+@pytest.fixture(scope="module")
+def text_models(tmp_path_factory):
+    from minidiff.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from minidiff.config import to_json_dict
+    from minidiff.pretrained import save_model_folder, save_stable_diffusion
+
+    folder = tmp_path_factory.mktemp("text-models")
+    sd = tiny_stable_diffusion()
+    sd.tokenizer.add_tokens(["<cat-toy>"])
+    sd.text_encoder.add_token_embedding(torch.randn(32))
+    save_stable_diffusion(folder / "sd", sd, source="a tiny random test model")
+    save_stable_diffusion(folder / "sd-inpaint", tiny_stable_diffusion(in_channels=9))
+    torch.manual_seed(0)
+    towers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(CLIPTextConfig(**towers), CLIPVisionConfig(**towers, image_size=32, patch_size=8),
+                        projection_dim=16)
+    clip = CLIPModel(config)
+    save_model_folder(folder / "clip", {"kind": "clip", "clip": {"class": "CLIPModel", "config": to_json_dict(config)},
+                                        "tokenizer": {"pad_token": "<|endoftext|>", "model_max_length": 77}},
+                      {"clip": clip.state_dict()})
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(folder / "photo.png")
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, 12:] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    return SimpleNamespace(folder=folder, sd=sd)
+
+
+def test_save_stable_diffusion_round_trip(text_models):
+    from minidiff.pretrained import load_stable_diffusion
+
+    loaded = load_stable_diffusion(text_models.folder / "sd")
+    for name in ("unet", "vae", "text_encoder"):
+        original = getattr(text_models.sd, name).state_dict()
+        got = getattr(loaded, name).state_dict()
+        assert got.keys() == original.keys() and all(torch.equal(got[k], original[k]) for k in original)
+    assert loaded.tokenizer.convert_tokens_to_ids("<cat-toy>") == 49408
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler" and loaded.scheduler.config.steps_offset == 1
+
+
+def test_txt2img_grid_matches_the_library(text_models, tmp_path):
+    from minidiff.pretrained import load_stable_diffusion
+
+    out = tmp_path / "fox.png"
+    assert run(text_models.folder / "sd", out, "--prompt", "a red <cat-toy>", "--negative-prompt", "blurry",
+               "--steps", "3", "--num-images", "2", "--height", "16", "--width", "24", "--seed", "5") == 0
+    image = Image.open(out)
+    assert image.size == (48, 16)
+    assert {k: image.text[k] for k in ("prompt", "negative_prompt", "guidance_scale", "steps")} == {
+        "prompt": "a red <cat-toy>", "negative_prompt": "blurry", "guidance_scale": "7.5", "steps": "3"}  # fmt: skip
+    sd = load_stable_diffusion(text_models.folder / "sd")
+    expected = sd("a red <cat-toy>", "blurry", 16, 24, 3, num_images_per_prompt=2,
+                  generator=torch.Generator().manual_seed(5))
+    assert np.array_equal(pixels(out)[:, :24], np.asarray(expected[0]))
+    assert np.array_equal(pixels(out)[:, 24:], np.asarray(expected[1]))
+
+
+def test_img2img_and_inpainting(text_models, tmp_path):
+    folder = text_models.folder
+    assert run(folder / "sd", tmp_path / "a.png", "--prompt", "a cat", "--steps", "4",
+               "--init-image", str(folder / "photo.png"), "--strength", "0.5") == 0
+    assert Image.open(tmp_path / "a.png").size == (28, 20)  # the photo's size, floored to the VAE's multiple
+    assert Image.open(tmp_path / "a.png").text["strength"] == "0.5"
+    for model in ("sd", "sd-inpaint"):  # a 4-channel UNet blends, a 9-channel one takes the mask as input
+        assert run(folder / model, tmp_path / f"{model}.png", "--prompt", "a cat", "--steps", "3", "--height", "16",
+                   "--width", "24", "--init-image", str(folder / "photo.png"), "--mask", str(folder / "mask.png")) == 0
+        assert Image.open(tmp_path / f"{model}.png").size == (24, 16)
+
+
+@pytest.mark.parametrize(
+    "model, args, message",
+    [
+        ("sd", [], "needs --prompt"),
+        ("sd", ["--prompt", "x", "--class-label", "1"], "belong to pixel-space models"),
+        ("sd", ["--prompt", "x", "--guidance", "color", "--color", "#55FFAA"], "belong to pixel-space models"),
+        ("sd", ["--prompt", "x", "--mask", "mask.png"], "add --init-image"),
+        ("sd", ["--prompt", "x", "--strength", "0.5"], "add --init-image"),
+        ("sd", ["--prompt", "x", "--init-image", "missing.png"], "cannot read it as an image"),
+        ("sd", ["--prompt", "x", "--height", "12"], "multiples of 8"),
+        ("sd", ["--prompt", "x", "--init-image", "photo.png", "--strength", "1.5"], "strength"),
+        ("clip", ["--prompt", "x"], "does not generate images"),
+        ("unconditional", ["--prompt", "x"], "belong to Stable Diffusion models"),
+        ("unconditional", ["--scheduler", "pndm"], "pixel models take ddpm or ddim"),
+        ("unconditional", ["--guidance", "clip", "--guidance-prompt", "a rose"], "--clip-model"),
+        ("unconditional", ["--guidance", "clip", "--clip-model", "@clip"], "--guidance-prompt"),
+        ("unconditional", ["--guidance", "color", "--color", "#55FFAA", "--cuts", "2"], "belong to --guidance clip"),
+    ],
+)
+def test_text_and_clip_mistakes_exit_2(models, text_models, tmp_path, capsys, model, args, message):
+    folder = text_models.folder
+    path = models[model] if model in models else folder / model
+    args = [str(folder / a.removeprefix("@")) if a.endswith(".png") or a.startswith("@") else a for a in args]
+    assert run(path, tmp_path / "x.png", "--steps", "2", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_clip_guidance_from_the_command_line(models, text_models, tmp_path):
+    common = ["--scheduler", "ddim", "--steps", "4", "--seed", "1"]
+    assert run(models["unconditional"], tmp_path / "plain.png", *common) == 0
+    assert run(models["unconditional"], tmp_path / "rose.png", *common, "--guidance", "clip", "--guidance-prompt",
+               "a red rose", "--clip-model", str(text_models.folder / "clip"), "--guidance-scale", "500") == 0
+    text = Image.open(tmp_path / "rose.png").text
+    assert text["guidance"] == "clip" and text["guidance_prompt"] == "a red rose" and text["guidance_scale"] == "500.0"
+    assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "rose.png"))
