@@ -178,7 +178,7 @@ def load_textual_inversion(
       it "emb_params" unless told);
     - a bare tensor: pass token.
     `token` replaces the name stored in the file. .bin/.pt files are read with torch.load(weights_only=True),
-    which runs no pickled code. Add the rows with CLIPTextModel.add_token_embedding."""
+    which runs no pickled code. pretrained.py:load_textual_inversion_into adds the result to a loaded model."""
     stem = None
     if isinstance(source, (str, os.PathLike)):
         path, stem = Path(source), Path(source).stem

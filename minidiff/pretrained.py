@@ -40,6 +40,7 @@ from minidiff.clip import (
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
 )
+from minidiff.clip_keymaps import load_textual_inversion
 from minidiff.config import to_json_dict
 from minidiff.keymaps import check_state_dict
 from minidiff.pipelines import PixelPipeline
@@ -223,10 +224,13 @@ def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:
 
 
 def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: str = "",
-                          dtype: torch.dtype | None = None) -> None:
+                          dtype: torch.dtype | None = None, scheduler_config: dict | None = None) -> None:
     """Write a loaded (or trained) StableDiffusion as a model folder that load_stable_diffusion reads back: its
     components, its scheduler's config, and the tokenizer's pad token, length and added tokens (with the
-    vocabulary files only if they are not CLIP's own)."""
+    vocabulary files only if they are not CLIP's own).
+
+    scheduler_config: the scheduler section to write instead, e.g. the source folder's own, which keeps the keys
+    that sd.scheduler's class does not use but another one would (PNDM ignores clip_sample; DDIM reads it)."""
     tokenizer = sd.tokenizer
     section = {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.model_max_length}
     if tokenizer.added_tokens:
@@ -240,7 +244,8 @@ def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: 
     config = {"kind": "stable-diffusion", "source": source,
               **{name: {"class": type(m).__name__, "config": to_json_dict(m.config)} for name, m in modules.items()},
               "tokenizer": section,
-              "scheduler": {"_class_name": type(sd.scheduler).__name__, **to_json_dict(sd.scheduler.config)}}
+              "scheduler": scheduler_config or {"_class_name": type(sd.scheduler).__name__,
+                                                **to_json_dict(sd.scheduler.config)}}
     save_model_folder(path, config, {name: m.state_dict() for name, m in modules.items()}, dtype, files)
 
 
@@ -262,6 +267,37 @@ def load_stable_diffusion(
         tokenizer=load_tokenizer(path, config["tokenizer"]),
         scheduler=make_scheduler(path, config["scheduler"], scheduler, ("ddim", "ddpm", "pndm")),
     )
+
+
+def add_token(sd: StableDiffusion, token: str, vector: torch.Tensor) -> int:
+    """Teach `sd` a new word: `token` joins the tokenizer and `vector` (D,) the text encoder's token embedding
+    table, under the same new id (returned). A ValueError, changing nothing, if the tokenizer already reads
+    `token` as one token (a word of the vocabulary or an added token) or the vector does not fit."""
+    tokenizer, text_encoder = sd.tokenizer, sd.text_encoder
+    ids = tokenizer.encode(token)
+    if len(ids) == 1:
+        raise ValueError(f"{token!r} is already in the vocabulary (token id {ids[0]}): choose a string the tokenizer "
+                         "does not know, e.g. '<my-concept>'")
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder "
+                         f"{text_encoder.config.vocab_size} embeddings: a new token would not get its own row")
+    if vector.shape != (text_encoder.config.hidden_size,):
+        raise ValueError(f"the embedding of {token!r} has shape {tuple(vector.shape)}; this text encoder's are "
+                         f"({text_encoder.config.hidden_size},)")
+    tokenizer.add_tokens([token])
+    return text_encoder.add_token_embedding(vector)
+
+
+def load_textual_inversion_into(sd: StableDiffusion, source: str | os.PathLike, token: str | None = None) -> list[str]:
+    """Load a textual-inversion embedding (a learned_embeds.safetensors from train.py textual-inversion, or any
+    format clip_keymaps.load_textual_inversion reads) into a loaded StableDiffusion; returns the words to write
+    in prompts. `token` renames the concept. A concept of n vectors adds diffusers' names token, token_1, ...,
+    token_{n-1}; write them all, in order, where the concept goes."""
+    ((name, vectors),) = load_textual_inversion(source, token).items()
+    names = [name] + [f"{name}_{i}" for i in range(1, len(vectors))]
+    for word, vector in zip(names, vectors, strict=True):
+        add_token(sd, word, vector)
+    return names
 
 
 def load_clip(
