@@ -103,7 +103,7 @@ def find_weights(folder: Path, names: tuple[str, ...] = DIFFUSERS_WEIGHTS) -> Pa
 def read_tokenizer(folder: Path, max_positions: int) -> tuple[dict, dict[str, str]]:
     """A hub tokenizer folder -> the tokenizer section of a minidiff config.json ({"pad_token",
     "model_max_length"}, plus "added_tokens" if any) and the files to ship with the model: tokenizer/vocab.json
-    and tokenizer/merges.txt, only if they differ from CLIP's own (minidiff/data). The length is capped at the
+    and tokenizer/merges.txt, only if they differ from CLIP's own (minidiff/assets). The length is capped at the
     text encoder's max_positions (transformers writes a huge placeholder when no length was set)."""
     try:
         files = read_tokenizer_folder(folder)

@@ -29,7 +29,7 @@ import ftfy
 import regex as re
 import torch
 
-CLIP_VOCAB_GZ = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_GZ = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # CLIP's pre-split. The two special tokens come first, so they stay whole; then English contractions, letter
@@ -96,7 +96,7 @@ class CLIPTokenizer:
     """CLIP's byte-level BPE tokenizer.
 
     vocab, merges: token -> id and the merges in rank order, as in a model's tokenizer/vocab.json + merges.txt;
-        both None (the default) loads CLIP's own file shipped in minidiff/data.
+        both None (the default) loads CLIP's own file shipped in minidiff/assets.
     pad_token: what fills the positions after EOS. "<|endoftext|>" (49407) for SD 1.x, "!" (0) for SD 2.x and
         open_clip, whose text encoders were trained with zeros there.
     model_max_length: CLIP's context, 77 positions.
