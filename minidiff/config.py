@@ -24,6 +24,21 @@ def from_json_dict(cls, d: dict, ignore: Iterable[str] = ()):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def is_number(value: object) -> bool:
+    """An int or float (JSON true/false arrive as bool, a subclass of int: not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def require(config: object, ok: bool, what: str) -> None:
+    """The validation step of every config: ValueError("<ConfigClass>: what") unless ok."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}: {what}")
+
+
 def to_json_dict(config: object) -> dict:
     """A config dataclass -> a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

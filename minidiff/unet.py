@@ -12,11 +12,12 @@ state dict loads by identity (see minidiff/convert.py for the legacy names of ol
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from .config import from_json_dict
+from .config import from_json_dict, is_number, is_positive_int, require
 from .layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
 
 
@@ -64,18 +65,10 @@ class UNet2DConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise ValueError(f"UNet2DConfig: {what}")
-
-        def positive_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-        def positive_number(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        need = partial(require, self)
 
         channels = self.block_out_channels
-        need(len(channels) > 0 and all(positive_int(c) for c in channels),
+        need(len(channels) > 0 and all(is_positive_int(c) for c in channels),
              f"block_out_channels must be positive ints, got {channels}")
         need(len(self.down_block_types) == len(channels) == len(self.up_block_types),
              f"down_block_types, block_out_channels and up_block_types must have the same length, got "
@@ -88,16 +81,17 @@ class UNet2DConfig:
         need(self.mid_block_type in ("UNetMidBlock2D", None),
              f"mid_block_type must be 'UNetMidBlock2D' or null, got {self.mid_block_type!r}")
         for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-            need(positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
+            need(is_positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"):
             value = getattr(self, name)
-            need(value is None or positive_int(value), f"{name} must be a positive int or null, got {value!r}")
+            need(value is None or is_positive_int(value), f"{name} must be a positive int or null, got {value!r}")
         for name in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         for name in ("norm_eps", "mid_block_scale_factor"):
-            need(positive_number(getattr(self, name)), f"{name} must be > 0, got {getattr(self, name)!r}")
-        need(positive_number(self.freq_shift) or self.freq_shift == 0,
+            value = getattr(self, name)
+            need(is_number(value) and value > 0, f"{name} must be > 0, got {value!r}")
+        need(is_number(self.freq_shift) and self.freq_shift >= 0,
              f"freq_shift must be a number >= 0, got {self.freq_shift!r}")
         need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
              f"dropout must be in [0, 1), got {self.dropout!r}")

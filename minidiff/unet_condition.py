@@ -16,11 +16,12 @@ also reads the original single-file checkpoints).
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from .config import from_json_dict
+from .config import from_json_dict, is_positive_int, require
 from .layers import ACTIVATIONS, Downsample, ResnetBlock, TimestepEmbedding, Upsample, activation, timestep_embedding
 from .transformer import Transformer2D
 
@@ -107,14 +108,12 @@ class UNet2DConditionConfig:
         return self.per_block("num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim")
 
     def _validate(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise ValueError(f"UNet2DConditionConfig: {what}")
+        need = partial(require, self)
 
         def ints(value: object, per_block: bool = False) -> bool:  # positive int(s), one per block if a list
             values = value if per_block and isinstance(value, tuple) else (value,)
             n_ok = not isinstance(value, tuple) or len(value) == len(self.block_out_channels)
-            return n_ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+            return n_ok and all(is_positive_int(v) for v in values)
 
         channels = self.block_out_channels
         need(len(channels) > 0 and all(ints(c) for c in channels), f"block_out_channels must be positive ints, "

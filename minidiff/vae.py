@@ -20,11 +20,12 @@ UNetMidBlock2D). Module names equal diffusers' names, so a diffusers state dict 
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from .config import from_json_dict
+from .config import from_json_dict, is_number, is_positive_int, require
 from .layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, Upsample
 from .noise import Generator, randn_tensor
 
@@ -65,18 +66,10 @@ class AutoencoderKLConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise ValueError(f"AutoencoderKLConfig: {what}")
-
-        def positive_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-        def number(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        need = partial(require, self)
 
         channels = self.block_out_channels
-        need(len(channels) > 0 and all(positive_int(c) for c in channels),
+        need(len(channels) > 0 and all(is_positive_int(c) for c in channels),
              f"block_out_channels must be positive ints, got {channels}")
         need(len(self.down_block_types) == len(channels) == len(self.up_block_types),
              f"down_block_types, block_out_channels and up_block_types must have the same length, got "
@@ -86,22 +79,22 @@ class AutoencoderKLConfig:
         need(all(k == "UpDecoderBlock2D" for k in self.up_block_types),
              f"up_block_types must all be 'UpDecoderBlock2D', got {self.up_block_types}")
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
-            need(positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
+            need(is_positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
         bad = [c for c in channels if c % self.norm_num_groups]
         need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
         need(isinstance(self.act_fn, str) and self.act_fn.lower() in ACTIVATIONS,
              f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
         size = self.sample_size
-        need(positive_int(size) or (isinstance(size, tuple) and len(size) == 2 and all(map(positive_int, size))),
+        need(is_positive_int(size) or (isinstance(size, tuple) and len(size) == 2 and all(map(is_positive_int, size))),
              f"sample_size must be a positive int or a pair of them, got {size!r}")
-        need(number(self.scaling_factor) and self.scaling_factor > 0,
+        need(is_number(self.scaling_factor) and self.scaling_factor > 0,
              f"scaling_factor must be > 0, got {self.scaling_factor!r}")
-        need(self.shift_factor is None or number(self.shift_factor),
+        need(self.shift_factor is None or is_number(self.shift_factor),
              f"shift_factor must be a number or null, got {self.shift_factor!r}")
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, tuple) and len(value) == self.latent_channels
-                                   and all(map(number, value))),
+                                   and all(map(is_number, value))),
                  f"{name} must be null or {self.latent_channels} numbers (one per latent channel), got {value!r}")
         for name in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             value = getattr(self, name)
