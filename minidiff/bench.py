@@ -31,6 +31,25 @@ def prompts(n: int = 10_000, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) for _ in range(n)]
 
 
+def hub_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer from a tokenizer folder in the hub layout (SD 1.x's settings), written from
+    minidiff's shipped CLIP vocabulary: the Hub cannot be reached here."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from minidiff.tokenizer import load_clip_bpe
+
+    vocab, merges = load_clip_bpe()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77,
+                                                              "do_lower_case": True}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    return HFTokenizer.from_pretrained(folder)
+
+
 def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -61,15 +80,7 @@ def bench_tokenizer(impl: str) -> dict:
     else:
         import tempfile
 
-        from transformers import CLIPTokenizer as HFTokenizer
-
-        from minidiff.tokenizer import load_clip_bpe
-
-        vocab, merges = load_clip_bpe()
-        folder = Path(tempfile.mkdtemp())
-        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
-        tokenizer = HFTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+        tokenizer = hub_tokenizer(Path(tempfile.mkdtemp()))
         encode = lambda batch: tokenizer(batch, padding="max_length", max_length=77, truncation=True,  # noqa: E731
                                          return_tensors="pt").input_ids
     start = time.perf_counter()
@@ -91,7 +102,6 @@ def make_sd_folders(workdir: Path) -> tuple[Path, Path]:
         import torch
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
-        from transformers import CLIPTokenizer as HFTokenizer
 
         from minidiff.convert_sd import SD_CONFIGS  # the hub configs minidiff ships for single-file conversion
 
@@ -100,15 +110,7 @@ def make_sd_folders(workdir: Path) -> tuple[Path, Path]:
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-        from minidiff.tokenizer import load_clip_bpe
-
-        vocab, merges = load_clip_bpe()
-        tokenizer_dir = workdir / "tokenizer-files"
-        tokenizer_dir.mkdir(parents=True, exist_ok=True)
-        (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tokenizer = HFTokenizer(vocab_file=str(tokenizer_dir / "vocab.json"),
-                                merges_file=str(tokenizer_dir / "merges.txt"))
+        tokenizer = hub_tokenizer(workdir / "tokenizer-files")
         scheduler = DDIMScheduler.from_config(configs["scheduler"])
         pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
