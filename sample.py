@@ -19,6 +19,7 @@ on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from minidiff.clip_guidance import clip_guidance
 from minidiff.guidance import LossGuidance, color_loss, parse_hex_color
 from minidiff.images import make_grid, save_png, to_pil
+from minidiff.pipelines import DEFAULT_CFG_SCALE
 from minidiff.pretrained import (
     DTYPES,
     ModelFolderError,
@@ -40,7 +42,9 @@ from minidiff.pretrained import (
 )
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-sd"
-PIXEL_ONLY = ("class_label", "guidance", "color", "guidance_prompt", "clip_model", "cuts", "guidance_every")
+DEFAULT_PROMPT = "a big red circle"  # for the default model: words of its training captions
+PIXEL_ONLY = ("class_label", "cfg_scale", "guidance", "color", "guidance_prompt", "clip_model", "cuts",
+              "guidance_every")
 TEXT_ONLY = ("prompt", "negative_prompt", "init_image", "strength", "mask", "clip_skip")
 
 
@@ -55,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="denoising steps (default: 50; all 1000 for a pixel model's DDPM scheduler)")
     common.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
     common.add_argument("--seed", type=int, default=0, help="same seed, same images (and the same as diffusers)")
-    common.add_argument("--num-images", type=int, default=1, help="images in the grid (one batch)")
+    common.add_argument("--num-images", type=int, default=1, help="images per prompt or class label (one batch)")
     common.add_argument("--height", type=int, help="default: the model's sample size (SD: a multiple of 8)")
     common.add_argument("--width", type=int, help="default: the model's sample size (SD: a multiple of 8)")
     common.add_argument("--guidance-scale", type=float,
@@ -65,7 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (a grid of all images)")
     pixel = parser.add_argument_group("pixel-space models")
-    pixel.add_argument("--class-label", type=int, help="the class to draw, for class-conditioned models")
+    pixel.add_argument("--class-label", type=int, nargs="+", help="the class to draw, for class-conditioned models; "
+                       "several: one row of --num-images per class")
+    pixel.add_argument("--cfg-scale", type=float, help="classifier-free guidance of a class-conditioned model "
+                       f"trained with --label-dropout, such as weights/digits (default {DEFAULT_CFG_SCALE}; 1: off)")
     pixel.add_argument("--guidance", choices=["color", "clip"], help="steer sampling with a loss on the predicted x0")
     pixel.add_argument("--color", help='target colour for --guidance color, as "#RRGGBB"')
     pixel.add_argument("--guidance-prompt", help="the text CLIP steers towards, for --guidance clip")
@@ -75,7 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pixel.add_argument("--guidance-through-unet", action="store_true",
                        help="differentiate through the UNet too (the course's second variant; slower)")
     text = parser.add_argument_group("Stable Diffusion models")
-    text.add_argument("--prompt", help="what to draw")
+    text.add_argument("--prompt", nargs="+", help=f"what to draw (default model: {DEFAULT_PROMPT!r}); several "
+                      "prompts: one row of --num-images per prompt")
     text.add_argument("--negative-prompt", help="what to steer away from (default: the empty prompt)")
     text.add_argument("--init-image", type=Path, help="img2img / inpainting: the starting image")
     text.add_argument("--strength", type=float, help="how much of --init-image to repaint, 0..1 (default 0.8, "
@@ -146,14 +154,21 @@ def sample_pixel(args: argparse.Namespace, dtype: torch.dtype):
         raise ValueError("--scheduler pndm is for Stable Diffusion models; pixel models take ddpm or ddim")
     pipe = load_pixel_pipeline(args.model, args.scheduler, dtype, args.device)
     guidance = pixel_guidance(args, dtype)
-    labels = None if args.class_label is None else [args.class_label] * args.num_images
+    labels = None if args.class_label is None else [c for c in args.class_label for _ in range(args.num_images)]
     generator = torch.Generator().manual_seed(args.seed)
-    x, labels = pipe.prepare(args.num_images, args.steps, generator, args.height, args.width, labels)
+    batch = args.num_images * len(args.class_label or [None])
+    x, labels = pipe.prepare(batch, args.steps, generator, args.height, args.width, labels)
     steps = len(pipe.scheduler.timesteps)
+    cfg_scale = args.cfg_scale
+    if cfg_scale is None:
+        cfg_scale = DEFAULT_CFG_SCALE if pipe.has_null_class and labels is not None else 1.0
+    pipe.check_cfg_scale(cfg_scale, labels)
     with torch.no_grad():
-        for x_prev in tqdm(pipe.denoise(x, labels, guidance, generator, args.eta), total=steps, unit="step"):
+        for x_prev in tqdm(pipe.denoise(x, labels, guidance, generator, args.eta, cfg_scale), total=steps,
+                           unit="step"):
             x = x_prev
-    settings = {"class_label": args.class_label, "guidance": args.guidance}
+    settings = {"class_label": args.class_label and " ".join(map(str, args.class_label)), "guidance": args.guidance,
+                "cfg_scale": cfg_scale if pipe.has_null_class else None}
     if args.guidance:
         settings.update(color=args.color, guidance_prompt=args.guidance_prompt, guidance_scale=guidance.scale,
                         guidance_every=guidance.every, guidance_through_unet=args.guidance_through_unet)
@@ -164,6 +179,8 @@ def sample_text(args: argparse.Namespace, dtype: torch.dtype):
     """Stable Diffusion model -> (images in [-1, 1], settings); the loop is StableDiffusion.denoise."""
     if extra := given(args, PIXEL_ONLY + ("guidance_through_unet",)):
         raise ValueError(f"{args.model} is a Stable Diffusion model: {', '.join(extra)} belong to pixel-space models")
+    if args.prompt is None and args.model == DEFAULT_MODEL:
+        args.prompt = [DEFAULT_PROMPT]
     if args.prompt is None:
         raise ValueError('a Stable Diffusion model needs --prompt "..."')
     if (args.mask or args.strength is not None) and not args.init_image:
@@ -189,7 +206,8 @@ def sample_text(args: argparse.Namespace, dtype: torch.dtype):
                                  unit="step"):
             latents = step_latents
         x = sd.decode_latents(latents)
-    settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance_scale": guidance_scale,
+    prompt = args.prompt[0] if len(args.prompt) == 1 else json.dumps(args.prompt)
+    settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "guidance_scale": guidance_scale,
                 "init_image": args.init_image, "strength": args.strength, "mask": args.mask,
                 "clip_skip": args.clip_skip}
     return x, len(run.timesteps), type(sd.scheduler).__name__, settings
@@ -215,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": str(args.model), "scheduler": scheduler, "steps": steps, "eta": args.eta,
                 "seed": args.seed, "num_images": args.num_images, **settings, "dtype": args.dtype,
                 "size": f"{x.shape[-1]}x{x.shape[-2]}", "software": "minidiff"}
-    save_png(make_grid(to_pil(x.float())), args.out, {k: v for k, v in settings.items() if v not in (None, False)})
-    print(f"wrote {args.out} ({args.num_images} image(s), {steps} steps, {seconds:.1f}s)")
+    rows = len(args.prompt or args.class_label or [None])
+    grid = make_grid(to_pil(x.float()), columns=args.num_images if rows > 1 else None)  # a row per prompt / label
+    save_png(grid, args.out, {k: v for k, v in settings.items() if v not in (None, False)})
+    about = "".join(f'"{p}", ' for p in args.prompt or [])
+    print(f"wrote {args.out} ({about}{len(x)} image(s), {steps} steps, {seconds:.1f}s)")
     return 0
 
 

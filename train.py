@@ -13,6 +13,8 @@ r"""Train or fine-tune a minidiff model; the result is a model folder that sampl
         --placeholder-token "<cat-toy>" --initializer-token toy --output-dir runs/cat-toy
     torchrun --nproc_per_node 2 train.py ddpm ...          (data-parallel: --batch-size is per process)
     python train.py ddpm ... --resume                      (continue the run in --output-dir exactly)
+    python train.py vae --output-dir runs/tiny-vae                 (Stable Diffusion from scratch, on shapes:
+    python train.py text-to-image --vae runs/tiny-vae/model --output-dir runs/tiny-sd     two stages)
     python sample.py --model runs/digits/model --class-label 7 --out sevens.png
     python sample.py --model runs/cat-toy/model --prompt "a photo of <cat-toy> on a beach" --out toy.png
 
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from minidiff.data import load_image_folder, load_mnist_digits
+from minidiff.data import CaptionedShapes, load_image_folder, load_mnist_digits
 from minidiff.distributed import World, close_distributed, init_distributed
 from minidiff.pixel_training import MODES, load_model, new_model, pixel_task, scratch_scheduler_config
 from minidiff.schedulers import BETA_SCHEDULES, PREDICTION_TYPES
@@ -47,6 +49,9 @@ from minidiff.sd_training import (
     textual_inversion_task,
 )
 from minidiff.sd_training import MODES as SD_MODES
+from minidiff.text_to_image import DEFAULTS as SCRATCH_DEFAULTS
+from minidiff.text_to_image import MODES as SCRATCH_MODES
+from minidiff.text_to_image import text_to_image_task, vae_task
 from minidiff.training import LR_SCHEDULES, Task, TrainConfig, Trainer
 
 DEFAULT_BETA_SCHEDULE = {"ddpm": "linear", "class-conditioned": "squaredcos_cap_v2"}  # the course's choices
@@ -122,6 +127,11 @@ def add_pixel_options(parser: argparse.ArgumentParser, mode: str) -> None:
                        help=f"from scratch: the noise schedule (default {DEFAULT_BETA_SCHEDULE[mode]})")
     model.add_argument("--prediction-type", choices=PREDICTION_TYPES, help="from scratch: what the UNet predicts "
                        "(default epsilon)")
+    if mode == "class-conditioned":
+        model.add_argument("--label-dropout", type=float, default=0.0, help="train with this fraction of labels "
+                           'replaced by a "no class" label, so that sample.py can use classifier-free guidance '
+                           "(--cfg-scale); from scratch, it adds that label to the model (default 0: the course's "
+                           "model)")
 
 
 def add_sd_options(parser: argparse.ArgumentParser, mode: str) -> None:
@@ -157,6 +167,18 @@ def add_sd_options(parser: argparse.ArgumentParser, mode: str) -> None:
                            '{}" (style)')
 
 
+def add_scratch_options(parser: argparse.ArgumentParser, mode: str) -> None:
+    data = parser.add_argument_group("data: minidiff's captioned shapes (data.py), drawn anew at every step")
+    data.add_argument("--resolution", type=int, default=64, help="image size (default 64)")
+    model = parser.add_argument_group("model")
+    if mode == "vae":
+        model.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term (LDM's 1e-6)")
+    else:
+        model.add_argument("--vae", type=Path, required=True, help="the VAE model folder made by train.py vae")
+        model.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the "
+                           'empty caption "" instead, for classifier-free guidance (default 0.1)')
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +198,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add_sd_options(sub, mode)
         add_loop_options(sub)
         sub.set_defaults(num_sample_images=4, **DEFAULTS[mode])
+    helps = {"vae": "train a small KL autoencoder from scratch: stage 1 of latent diffusion",
+             "text-to-image": "train a text-to-image UNet and text encoder from scratch over a trained VAE: stage 2"}
+    for mode in SCRATCH_MODES:
+        defaults = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SCRATCH_DEFAULTS[mode].items())
+        sub = modes.add_parser(mode, help=helps[mode], description=f"{helps[mode]}. Defaults here: {defaults}; "
+                               "and --num-sample-images 8")
+        add_scratch_options(sub, mode)
+        add_loop_options(sub)
+        sub.set_defaults(num_sample_images=8, **SCRATCH_DEFAULTS[mode])
     return parser.parse_args(argv)
 
 
@@ -221,9 +252,10 @@ def pixel_task_from_args(args: argparse.Namespace) -> Task:
         scheduler = scratch_scheduler_config(args.num_train_timesteps or 1000,
                                              args.beta_schedule or DEFAULT_BETA_SCHEDULE[args.mode],
                                              args.prediction_type or "epsilon")
-        model = new_model(args.mode, dataset, unet_config, scheduler, args.seed)
+        model = new_model(args.mode, dataset, unet_config, scheduler, args.seed,
+                          classifier_free=getattr(args, "label_dropout", 0.0) > 0)
     return pixel_task(args.mode, dataset, model, args.gradient_checkpointing, args.num_sample_images,
-                      args.sample_steps)
+                      args.sample_steps, getattr(args, "label_dropout", 0.0))
 
 
 PRIOR_DEFAULTS = {"class_prompt": None, "class_data_dir": None, "num_class_images": 100, "prior_loss_weight": 1.0}
@@ -273,7 +305,15 @@ def build_trainer(args: argparse.Namespace, world: World) -> Trainer:
     """Everything before the first step: data, model, checks, resume. Raises ValueError for any mistake."""
     if args.num_sample_images < 1 or args.sample_steps < 1:
         raise ValueError("--num-sample-images and --sample-steps must be at least 1")
-    task = sd_task_from_args(args, world) if args.mode in SD_MODES else pixel_task_from_args(args)
+    if args.mode in SCRATCH_MODES:
+        if args.resolution < 16 or args.resolution % 4:
+            raise ValueError(f"--resolution must be a multiple of 4 and at least 16, got {args.resolution}")
+        shapes = CaptionedShapes(resolution=args.resolution)
+        task = (vae_task(shapes, args.kl_weight, args.seed, args.num_sample_images) if args.mode == "vae" else
+                text_to_image_task(args.vae, shapes, args.caption_dropout, args.seed, args.num_sample_images,
+                                   args.sample_steps))
+    else:
+        task = sd_task_from_args(args, world) if args.mode in SD_MODES else pixel_task_from_args(args)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return Trainer(task, config, args.output_dir, world, resume=args.resume)
 
@@ -293,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model_dir = trainer.run()
         if world.is_main:
-            print(f"wrote {model_dir} (sample it: python sample.py --model {model_dir})")
+            then = (f"train stage 2 over it: python train.py text-to-image --vae {model_dir}" if args.mode == "vae"
+                    else f"sample it: python sample.py --model {model_dir}")
+            print(f"wrote {model_dir} ({then})")
         return 0
     finally:
         close_distributed(world)

@@ -3,6 +3,7 @@
     python -m minidiff.bench tokenizer      # 10,000 prompts: minidiff vs open_clip (pure Python) vs transformers
     python -m minidiff.bench sd             # SD 1.5 architecture (random weights): load, txt2img, peak memory
     python -m minidiff.bench train          # ddpm mode training throughput at the ddpm-celebahq-256 architecture
+    python -m minidiff.bench sample         # python sample.py end to end (process start to PNG), shipped models
 
 Each measurement runs in a fresh subprocess, so load times start cold from the same page cache state and peak
 memory (ru_maxrss) belongs to that measurement alone. The reference libraries are imported here only; they
@@ -201,6 +202,30 @@ def bench_train(impl: str, dtype_name: str, steps: int = 4, batch: int = 4) -> d
     return {"images_per_s": steps * batch / seconds, "peak_mb": peak_memory_mb()}
 
 
+# ---- python sample.py, end to end ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_COMMANDS = {  # what a newcomer types first, for each shipped model
+    "python sample.py": [],
+    "python sample.py --model weights/digits --class-label 7": ["--model", "weights/digits", "--class-label", "7"],
+}
+
+
+def bench_sample(command: str, workdir: Path) -> dict:
+    """Wall time of one `python sample.py ...` run, from process start to the PNG on disk."""
+    out = workdir / "sample-bench.png"
+    args = SAMPLE_COMMANDS[command]
+    if "--model" in args and not (REPO / args[args.index("--model") + 1]).is_dir():
+        return {"error": "not shipped yet"}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(REPO / "sample.py"), *args, "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return {"seconds": seconds, "said": result.stdout.strip().splitlines()[-1]}
+
+
 # ---- driver ---------------------------------------------------------------------------------------------------
 
 
@@ -227,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(prog="python -m minidiff.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", choices=["tokenizer", "sd", "train", "all"], default="all")
+    parser.add_argument("what", nargs="?", choices=["tokenizer", "sd", "train", "sample", "all"], default="all")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("MINIDIFF_BENCH_DIR", "bench-work")),
                         help="where the benchmark's random-init model folders are built (several GB for sd)")
     parser.add_argument("--threads", type=int, help="torch threads in each measurement (default: torch's)")
@@ -260,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                 r = in_subprocess("train", impl, dtype)
                 rows.append([impl, dtype, *([r["error"], ""] if "error" in r else
                                             [f"{r['images_per_s']:.2f}", f"{r['peak_mb']:,.0f}"])])
+        print(table(rows) + "\n")
+    if args.what in ("sample", "all"):
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        rows = [["shipped models: process start to PNG", "seconds", "output"]]
+        for command in SAMPLE_COMMANDS:
+            r = bench_sample(command, args.workdir)
+            rows.append([command, *([r["error"], ""] if "error" in r else [f"{r['seconds']:.1f}", r["said"]])])
         print(table(rows) + "\n")
     return 0
 

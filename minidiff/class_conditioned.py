@@ -8,6 +8,11 @@ ordinary unconditional UNet2DModel:
     cat([x (B, C, H, W), class map], dim=1) -> UNet2DModel(in_channels = C + E) -> (B, out, H, W)
 
 The notebook names the parts class_emb and model; minidiff calls the UNet `unet` (convert.py maps it).
+
+With classifier_free, the table has one more row, label num_classes, meaning "no class": trained by replacing
+labels with it at random (train.py class-conditioned --label-dropout), it lets the sampler mix the conditional
+and the unconditional prediction, classifier-free guidance (Ho & Salimans 2022; pipelines.py). The course's
+model has no such row.
 """
 
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ class ClassConditionedConfig:
     num_classes: int = 10
     class_emb_size: int = 4  # extra input channels carrying the class
     unet: UNet2DConfig | None = None  # None: the notebook's digits UNet
+    classifier_free: bool = False  # one more embedding row, label num_classes: "no class"
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -57,7 +63,8 @@ class ClassConditionedUNet(nn.Module):
     def __init__(self, config: ClassConditionedConfig | None = None):
         super().__init__()
         self.config = config or ClassConditionedConfig()
-        self.class_emb = nn.Embedding(self.config.num_classes, self.config.class_emb_size)
+        rows = self.config.num_classes + self.config.classifier_free  # + the "no class" row
+        self.class_emb = nn.Embedding(rows, self.config.class_emb_size)
         self.unet = UNet2DModel(self.config.unet)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, class_labels: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ The loop is the one of the course's Unit 1-2 notebooks, written out so every ste
         (guidance: x_t <- x_t - grad loss(x_0(x_t, eps)))        # optional, see guidance.py
         x_{t-1} = scheduler.step(eps, t, x_t).prev_sample       # DDPM or DDIM update
 
+A class-conditioned model trained with a "no class" label (class_conditioned.py, classifier_free) can be
+sampled with classifier-free guidance (Ho & Salimans 2022, eq. 6), the same mix Stable Diffusion makes:
+
+    eps = eps(x_t, t, no class) + cfg_scale * (eps(x_t, t, class) - eps(x_t, t, no class))
+
 `PixelPipeline.denoise` is a generator that yields after every step, so a caller (sample.py) owns the
 progress bar; `PixelPipeline.__call__` runs it to the end. Noise is drawn exactly as diffusers' DDPMPipeline
 and DDIMPipeline draw it, so the same seed gives the same image (tests/test_pixel_pipeline.py).
@@ -26,6 +31,8 @@ from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
+DEFAULT_CFG_SCALE = 3.0  # for models with a "no class" label (weights/digits); 1.0 turns guidance off
+
 
 class PixelPipeline:
     """A pixel-space denoiser and its scheduler, ready to sample.
@@ -41,6 +48,11 @@ class PixelPipeline:
     @property
     def is_class_conditional(self) -> bool:
         return getattr(self.unet, "is_class_conditional", True)  # ClassConditionedUNet always is
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the model knows a "no class" label, so that classifier-free guidance can be used."""
+        return getattr(self.unet.config, "classifier_free", False)
 
     @property
     def num_classes(self) -> int | None:
@@ -77,6 +89,12 @@ class PixelPipeline:
         if n is not None and not (0 <= int(class_labels.min()) and int(class_labels.max()) < n):
             raise ValueError(f"class labels must be in 0..{n - 1} for this model, got {class_labels.tolist()}")
 
+    def check_cfg_scale(self, cfg_scale: float, class_labels: torch.Tensor | None) -> None:
+        """A clear error for classifier-free guidance asked of a model that cannot do it."""
+        if cfg_scale != 1.0 and not (self.has_null_class and class_labels is not None):
+            raise ValueError("classifier-free guidance needs a class-conditioned model trained with a \"no class\" "
+                             "label (train.py class-conditioned --label-dropout) and class labels")
+
     def denoise(
         self,
         x: torch.Tensor,
@@ -84,9 +102,12 @@ class PixelPipeline:
         guidance: LossGuidance | None = None,
         generator: Generator = None,
         eta: float = 0.0,
+        cfg_scale: float = 1.0,
     ) -> Iterator[torch.Tensor]:
         """Run the reverse process from x_T over `scheduler.timesteps` (call set_timesteps first), yielding
-        x_{t-1} after each step. `eta` applies to DDIM only (0: deterministic, 1: DDPM-like)."""
+        x_{t-1} after each step. `eta` applies to DDIM only (0: deterministic, 1: DDPM-like). `cfg_scale` != 1:
+        classifier-free guidance, for a model with a "no class" label."""
+        self.check_cfg_scale(cfg_scale, class_labels)
         scheduler = self.scheduler
         step_kwargs = {"generator": generator}
         if isinstance(scheduler, DDIMScheduler):
@@ -100,8 +121,13 @@ class PixelPipeline:
                 model_input = scheduler.scale_model_input(x, t)
                 if class_labels is None:
                     model_output = self.unet(model_input, t)
-                else:
+                elif cfg_scale == 1.0:
                     model_output = self.unet(model_input, t, class_labels)
+                else:  # one batch of 2B: each image with its class, then with "no class"
+                    no_class = torch.full_like(class_labels, self.unet.config.num_classes)
+                    eps = self.unet(torch.cat([model_input, model_input]), t, torch.cat([class_labels, no_class]))
+                    eps_class, eps_none = eps.chunk(2)
+                    model_output = eps_none + cfg_scale * (eps_class - eps_none)
             if guide:  # move x_t down the loss gradient, then take the ordinary step from there
                 x = guidance.nudge(x, model_output, t, scheduler)
             x = scheduler.step(model_output.detach(), t, x.detach(), **step_kwargs).prev_sample
@@ -145,12 +171,13 @@ class PixelPipeline:
         height: int | None = None,
         width: int | None = None,
         output_type: str = "pil",
+        cfg_scale: float = 1.0,
     ) -> list[Image.Image] | torch.Tensor:
         """Sample `batch_size` images. output_type "pil" gives PIL images, "pt" a (B, C, H, W) tensor in [0, 1]
-        (what diffusers' pipelines return for "pt")."""
+        (what diffusers' pipelines return for "pt"). cfg_scale: classifier-free guidance (see denoise)."""
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         x, class_labels = self.prepare(batch_size, num_inference_steps, generator, height, width, class_labels)
-        for x_prev in self.denoise(x, class_labels, guidance, generator, eta):
+        for x_prev in self.denoise(x, class_labels, guidance, generator, eta, cfg_scale):
             x = x_prev
         return to_pil(x) if output_type == "pil" else (x / 2 + 0.5).clamp(0, 1)

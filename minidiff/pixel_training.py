@@ -19,7 +19,7 @@ from minidiff.class_conditioned import ClassConditionedConfig, ClassConditionedU
 from minidiff.config import to_json_dict
 from minidiff.data import ImageDataset
 from minidiff.images import make_grid
-from minidiff.pipelines import PixelPipeline
+from minidiff.pipelines import DEFAULT_CFG_SCALE, PixelPipeline
 from minidiff.pretrained import ModelFolderError, load_pixel_pipeline, read_config, save_pixel_model
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
 from minidiff.training import Task, denoising_loss, enable_gradient_checkpointing
@@ -31,15 +31,21 @@ MODES = ("ddpm", "class-conditioned")
 class PixelDenoiser(nn.Module):
     """The thing a pixel mode trains: forward(batch, generators) -> the mean denoising loss of the batch.
 
-    batch: {"images": (B, C, H, W) in [-1, 1], "class_labels": (B,) int64 for class-conditioned models}."""
+    batch: {"images": (B, C, H, W) in [-1, 1], "class_labels": (B,) int64 for class-conditioned models}.
+    label_dropout: the probability that an example's label is replaced by the "no class" label (a
+    classifier_free ClassConditionedUNet), drawn from the example's generator: classifier-free guidance training."""
 
-    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler) -> None:
+    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, label_dropout: float = 0.0) -> None:
         super().__init__()
         self.unet = unet
         self.scheduler = scheduler
+        self.label_dropout = label_dropout
 
     def forward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         labels = batch.get("class_labels")
+        if self.label_dropout:
+            dropped = torch.cat([torch.rand(1, generator=g) for g in generators]).to(labels.device) < self.label_dropout
+            labels = torch.where(dropped, self.unet.config.num_classes, labels)  # (B,): the last row is "no class"
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.unet(x_t, t) if labels is None else self.unet(x_t, t, labels)
@@ -72,10 +78,11 @@ def scratch_scheduler_config(num_train_timesteps: int, beta_schedule: str, predi
 
 
 def new_model(mode: str, dataset: ImageDataset, unet_config: dict | None, scheduler_config: dict,
-              seed: int) -> PixelModel:
+              seed: int, classifier_free: bool = False) -> PixelModel:
     """A freshly initialised model (seeded). ddpm: a UNet2DModel from `unet_config` (a diffusers UNet2DModel
     config.json dict). class-conditioned: the course's ClassConditionedUNet, its inner UNet from `unet_config`
-    or, without one, the notebook's digits UNet for this data's channels and classes."""
+    or, without one, the notebook's digits UNet for this data's channels and classes; classifier_free adds its
+    "no class" label."""
     if mode == "ddpm":
         if unet_config is None:
             raise ValueError("ddpm from scratch needs a UNet config: add --unet-config FILE (or --model DIR)")
@@ -86,7 +93,7 @@ def new_model(mode: str, dataset: ImageDataset, unet_config: dict | None, schedu
                                         out_channels=dataset.channels)
         else:
             inner = UNet2DConfig.from_dict(unet_config)
-        config = ClassConditionedConfig(num_classes=len(dataset.classes), unet=inner)
+        config = ClassConditionedConfig(num_classes=len(dataset.classes), unet=inner, classifier_free=classifier_free)
     torch.manual_seed(seed)
     unet = UNet2DModel(config) if mode == "ddpm" else ClassConditionedUNet(config)
     return PixelModel(unet, config, scheduler_config, "trained from scratch")
@@ -111,8 +118,14 @@ def check_model_fits(mode: str, pipeline: PixelPipeline, dataset: ImageDataset) 
 
 
 def pixel_task(mode: str, dataset: ImageDataset, model: PixelModel, gradient_checkpointing: bool = False,
-               num_sample_images: int = 16, sample_steps: int = 50) -> Task:
-    """The Task for training.py's loop: objective, data, final-model writer and sample grids (DDIM)."""
+               num_sample_images: int = 16, sample_steps: int = 50, label_dropout: float = 0.0) -> Task:
+    """The Task for training.py's loop: objective, data, final-model writer and sample grids (DDIM, with
+    classifier-free guidance at DEFAULT_CFG_SCALE for a model that has a "no class" label)."""
+    if not 0 <= label_dropout < 1:
+        raise ValueError(f"--label-dropout must be in [0, 1), got {label_dropout}")
+    if label_dropout and not getattr(model.unet_config, "classifier_free", False):
+        raise ValueError("--label-dropout trains the \"no class\" label of a model made with it: this model has "
+                         "none (train one from scratch with --label-dropout, or drop the option)")
     size = dataset.resolution[0]
     unet_config = model.unet_config
     if isinstance(unet_config, ClassConditionedConfig):  # record the training resolution as sample_size
@@ -134,10 +147,12 @@ def pixel_task(mode: str, dataset: ImageDataset, model: PixelModel, gradient_che
 
     def sample_grid(generator: torch.Generator):
         labels = [i % len(classes) for i in range(num_sample_images)] if classes else None
-        images = pipeline(num_sample_images, generator, sample_steps, class_labels=labels, height=size, width=size)
+        cfg_scale = DEFAULT_CFG_SCALE if pipeline.has_null_class else 1.0
+        images = pipeline(num_sample_images, generator, sample_steps, class_labels=labels, height=size, width=size,
+                          cfg_scale=cfg_scale)
         return make_grid(images, columns=len(classes) if classes else None)
 
     fingerprint = {"mode": mode, "model": model.origin, "unet": to_json_dict(unet_config),
                    "scheduler": model.scheduler_config, "data": dataset.source, "resolution": size,
-                   "classes": classes, "random_flip": dataset.random_flip}
-    return Task(PixelDenoiser(model.unet, scheduler), dataset, save_model, sample_grid, fingerprint)
+                   "classes": classes, "random_flip": dataset.random_flip, "label_dropout": label_dropout}
+    return Task(PixelDenoiser(model.unet, scheduler, label_dropout), dataset, save_model, sample_grid, fingerprint)

@@ -43,6 +43,7 @@ from minidiff.clip import (
 from minidiff.clip_keymaps import load_textual_inversion
 from minidiff.config import to_json_dict
 from minidiff.keymaps import check_state_dict
+from minidiff.memory import keep_freed_memory
 from minidiff.pipelines import PixelPipeline
 from minidiff.pndm import PNDMScheduler
 from minidiff.safetensors import load_file, save_file
@@ -147,6 +148,7 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def load_module(module: nn.Module, weights: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Fill `module` (built on the meta device) with the tensors of a .safetensors file, strictly."""
+    keep_freed_memory()  # the weights stay memory-mapped; see memory.py for why that matters to speed
     state_dict = load_file(weights)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -207,6 +209,13 @@ def load_pixel_pipeline(
     config = read_kind(path, "pixel", "a pixel-space DDPM")
     unet = load_component(path, config, "unet", ("UNet2DModel", "ClassConditionedUNet"), dtype, device)
     return PixelPipeline(unet, make_scheduler(path, config["scheduler"], scheduler, ("ddpm", "ddim")))
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+             ) -> AutoencoderKL:
+    """Load a VAE model folder ("kind": "vae", written by train.py vae)."""
+    path = Path(path)
+    return load_component(path, read_kind(path, "vae", "a VAE"), "vae", ("AutoencoderKL",), dtype, device)
 
 
 def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:

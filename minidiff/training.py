@@ -51,6 +51,7 @@ from minidiff.distributed import World
 from minidiff.images import save_png
 from minidiff.layers import Attention, ResnetBlock
 from minidiff.loss_log import LossLog, save_loss_curve
+from minidiff.memory import keep_freed_memory
 from minidiff.noise import randn_tensor
 from minidiff.schedulers import Scheduler
 from minidiff.transformer import Transformer2D
@@ -248,6 +249,7 @@ class Trainer:
     def __init__(self, task: Task, config: TrainConfig, output_dir: str | Path, world: World | None = None,
                  resume: bool = False) -> None:
         world = world or World()
+        keep_freed_memory()  # reuse activation memory step after step (memory.py)
         self.task, self.config, self.world = task, config, world
         self.output_dir = Path(output_dir)
         self.checkpoint_path = self.output_dir / "checkpoint.pt"

@@ -157,6 +157,16 @@ def test_course_class_conditioned_unet(models, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "7.png"), pixels(tmp_path / "1.png"))
 
 
+def test_several_class_labels_make_one_row_each(models, tmp_path):
+    model, out = models["digits"], tmp_path / "rows.png"
+    assert run(model, out, "--steps", "3", "--num-images", "2", "--class-label", "7", "1") == 0
+    image = Image.open(out)
+    assert (image.size, image.text["class_label"]) == ((56, 56), "7 1")  # 2 columns, a row per label
+    expected = load_pixel_pipeline(model)(4, torch.Generator().manual_seed(0), 3, class_labels=[7, 7, 1, 1])
+    rows = [np.concatenate([np.asarray(e) for e in expected[i : i + 2]], axis=1) for i in (0, 2)]
+    assert np.array_equal(pixels(out), np.concatenate(rows, axis=0))
+
+
 def test_command_line_smoke(models, tmp_path):
     out = tmp_path / "grid.png"
     command = [sys.executable, str(ROOT / "sample.py"), "--model", str(models["unconditional"]), "--steps", "2",
@@ -247,6 +257,20 @@ def test_txt2img_grid_matches_the_library(text_models, tmp_path):
                   generator=torch.Generator().manual_seed(5))
     assert np.array_equal(pixels(out)[:, :24], np.asarray(expected[0]))
     assert np.array_equal(pixels(out)[:, 24:], np.asarray(expected[1]))
+
+
+def test_several_prompts_make_one_row_each(text_models, tmp_path):
+    from minidiff.pretrained import load_stable_diffusion
+
+    out, prompts = tmp_path / "rows.png", ["a red cat", "a blue dog"]
+    assert run(text_models.folder / "sd", out, "--prompt", *prompts, "--steps", "2", "--num-images", "2",
+               "--height", "16", "--width", "16") == 0
+    image = Image.open(out)
+    assert image.size == (32, 32) and json.loads(image.text["prompt"]) == prompts
+    sd = load_stable_diffusion(text_models.folder / "sd")
+    expected = sd(prompts, None, 16, 16, 2, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+    rows = [np.concatenate([np.asarray(e) for e in expected[i : i + 2]], axis=1) for i in (0, 2)]
+    assert np.array_equal(pixels(out), np.concatenate(rows, axis=0))
 
 
 def test_img2img_and_inpainting(text_models, tmp_path):
