@@ -109,6 +109,9 @@ class PixelPipeline:
         classifier-free guidance, for a model with a "no class" label."""
         self.check_cfg_scale(cfg_scale, class_labels)
         scheduler = self.scheduler
+        if cfg_scale != 1.0:  # each image twice in one batch of 2B: with its class, then with "no class"
+            no_class = torch.full_like(class_labels, self.unet.config.num_classes)
+            guided_labels = torch.cat([class_labels, no_class])
         step_kwargs = {"generator": generator}
         if isinstance(scheduler, DDIMScheduler):
             step_kwargs["eta"] = eta
@@ -123,9 +126,8 @@ class PixelPipeline:
                     model_output = self.unet(model_input, t)
                 elif cfg_scale == 1.0:
                     model_output = self.unet(model_input, t, class_labels)
-                else:  # one batch of 2B: each image with its class, then with "no class"
-                    no_class = torch.full_like(class_labels, self.unet.config.num_classes)
-                    eps = self.unet(torch.cat([model_input, model_input]), t, torch.cat([class_labels, no_class]))
+                else:
+                    eps = self.unet(torch.cat([model_input, model_input]), t, guided_labels)
                     eps_class, eps_none = eps.chunk(2)
                     model_output = eps_none + cfg_scale * (eps_class - eps_none)
             if guide:  # move x_t down the loss gradient, then take the ordinary step from there

@@ -58,7 +58,7 @@ SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "be
 DEFAULTS = {
     "vae": dict(learning_rate=1e-3, batch_size=32, max_steps=1200, lr_warmup_steps=100, lr_schedule="cosine",
                 adam_beta1=0.9, sample_steps=20),
-    "text-to-image": dict(learning_rate=1e-3, batch_size=64, max_steps=4000, lr_warmup_steps=200,
+    "text-to-image": dict(learning_rate=1e-3, batch_size=64, max_steps=1800, lr_warmup_steps=200,
                           lr_schedule="cosine", adam_beta1=0.9, ema_decay=0.999, sample_steps=20),
 }
 SCALE_IMAGES = 512  # images encoded to measure std(z) for the scaling factor

@@ -106,5 +106,6 @@ def test_course_workflows_run_on_tiny_sd(sd, tmp_path):
         assert sample.main(["--model", str(tmp_path / run / "model"), "--prompt", prompt, "--steps", "4",
                             "--out", str(tmp_path / f"{run}.png")]) == 0
     # an all-black mask keeps everything: inpainting returns the init image, up to the VAE's round trip
+    # (measured 2.0 levels on average; a freshly drawn "red circle" is 122 levels from it)
     kept = np.asarray(Image.open(tmp_path / "inpaint.png"), dtype=np.float64)
-    assert np.abs(kept - np.asarray(Image.open(init), dtype=np.float64)).mean() < 10
+    assert np.abs(kept - np.asarray(Image.open(init), dtype=np.float64)).mean() < 4
