@@ -1,9 +1,10 @@
 """Sample images from a minidiff model folder and save them as one PNG grid.
 
-The shipped tiny Stable Diffusion (weights/tiny-sd, the default model):
+The shipped models: a tiny Stable Diffusion (weights/tiny-sd, the default model) and the course's digits:
     python sample.py                                   # "a big red circle" -> sample.png
     python sample.py --prompt "a small blue square" "a green triangle" --num-images 4 --out shapes.png
-Pixel-space models (converted google/ddpm-*, train.py class-conditioned runs):
+    python sample.py --model weights/digits --class-label 7 --num-images 8 --out sevens.png
+Pixel-space models (weights/digits, converted google/ddpm-*, train.py class-conditioned runs):
     python sample.py --model runs/digits/model --class-label 0 1 2 3 4 5 6 7 8 9 --num-images 8 --out digits.png
     python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 40 \\
         --guidance color --color "#55FFAA" --guidance-scale 40 --out green.png

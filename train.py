@@ -15,7 +15,7 @@ r"""Train or fine-tune a minidiff model; the result is a model folder that sampl
     python train.py ddpm ... --resume                      (continue the run in --output-dir exactly)
     python train.py vae --output-dir runs/tiny-vae                 (Stable Diffusion from scratch, on shapes:
     python train.py text-to-image --vae runs/tiny-vae/model --output-dir runs/tiny-sd     two stages)
-    python sample.py --model runs/digits/model --class-label 7 --out sevens.png
+    python sample.py --model weights/digits --class-label 7 --out sevens.png   (the shipped digits; runs/.../model alike)
     python sample.py --model runs/cat-toy/model --prompt "a photo of <cat-toy> on a beach" --out toy.png
 
 --output-dir receives checkpoint.pt (the whole training state, rewritten atomically every
@@ -177,6 +177,9 @@ def add_scratch_options(parser: argparse.ArgumentParser, mode: str) -> None:
         model.add_argument("--vae", type=Path, required=True, help="the VAE model folder made by train.py vae")
         model.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the "
                            'empty caption "" instead, for classifier-free guidance (default 0.1)')
+        model.add_argument("--zero-terminal-snr", action="store_true", help="SD's noise schedule rescaled to pure "
+                           "noise at t = T, with v-prediction and trailing sampling steps (Lin et al. 2024), so "
+                           "that the model must take the background and layout from the text (default: SD's own)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -311,7 +314,7 @@ def build_trainer(args: argparse.Namespace, world: World) -> Trainer:
         shapes = CaptionedShapes(resolution=args.resolution)
         task = (vae_task(shapes, args.kl_weight, args.seed, args.num_sample_images) if args.mode == "vae" else
                 text_to_image_task(args.vae, shapes, args.caption_dropout, args.seed, args.num_sample_images,
-                                   args.sample_steps))
+                                   args.sample_steps, zero_terminal_snr=args.zero_terminal_snr))
     else:
         task = sd_task_from_args(args, world) if args.mode in SD_MODES else pixel_task_from_args(args)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

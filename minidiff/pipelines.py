@@ -31,7 +31,12 @@ from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
-DEFAULT_CFG_SCALE = 3.0  # for models with a "no class" label (weights/digits); 1.0 turns guidance off
+# For models with a "no class" label (weights/digits); 1.0 turns guidance off. Measured on weights/digits
+# (tests/quality_digits.py, 200 digits per seed): the asked digit is drawn 93.5 / 93.5 / 88.5% of the time
+# unguided, 97 / 95.5 / 94.5% at 1.25; at 1.5 and 2 (seed 0) strokes thicken and break up: 88.5%, 51%.
+# Stable Diffusion's 7.5 would be far too strong for a 1.7M-parameter pixel model that sees its class only as 4
+# input channels.
+DEFAULT_CFG_SCALE = 1.25
 
 
 class PixelPipeline:

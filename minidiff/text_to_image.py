@@ -54,6 +54,12 @@ TINY_UNET = dict(sample_size=16, block_out_channels=[64, 96, 128], layers_per_bl
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+# Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), sec. 3: SD's schedule still
+# shows the image at t = T (alpha_bar_T = 0.0047: on a 16x16 latent its mean, the background and layout, survives),
+# so training never needs the text for those. Fix: rescale the betas to alpha_bar_T = 0 (pure noise), predict v
+# (epsilon says nothing at SNR 0), and start sampling at t = T ("trailing" steps). train.py --zero-terminal-snr.
+ZERO_SNR_SCHEDULER = {**SD_SCHEDULER, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+                      "timestep_spacing": "trailing"}
 # The loop settings of the two stages where they differ from TrainConfig's (weights/tiny-sd's recipe)
 DEFAULTS = {
     "vae": dict(learning_rate=1e-3, batch_size=32, max_steps=1200, lr_warmup_steps=100, lr_schedule="cosine",
@@ -151,27 +157,30 @@ class CaptionedExamples:
         return {"images": example["images"], "input_ids": input_ids}
 
 
-def new_text_to_image_model(vae: AutoencoderKL, seed: int) -> SDModel:
+def new_text_to_image_model(vae: AutoencoderKL, seed: int, scheduler_config: dict = SD_SCHEDULER) -> SDModel:
     """A Stable Diffusion whose UNet and text encoder are freshly initialised (seeded) and whose VAE is `vae`."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(UNet2DConditionConfig(**TINY_UNET))
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
     vae.requires_grad_(False).eval()
     sd = StableDiffusion(unet.train(), vae, text_encoder.train(), CLIPTokenizer(), None)
-    return SDModel(sd, SD_SCHEDULER, "trained from scratch")
+    return SDModel(sd, scheduler_config, "trained from scratch")
 
 
 def text_to_image_task(vae_path: str | Path, dataset: CaptionedShapes, caption_dropout: float = 0.1, seed: int = 0,
-                       num_sample_images: int = 8, sample_steps: int = 20, guidance_scale: float = 5.0) -> Task:
+                       num_sample_images: int = 8, sample_steps: int = 20, guidance_scale: float = 5.0,
+                       zero_terminal_snr: bool = False) -> Task:
     """Stage 2 as a Task: TINY_UNET and TINY_TEXT_ENCODER from scratch over the frozen VAE of `vae_path` (a
-    train.py vae model folder). Sample grids draw the canonical captions of held-out scenes."""
+    train.py vae model folder), with SD's noise schedule or ZERO_SNR_SCHEDULER. Sample grids draw the canonical
+    captions of held-out scenes."""
     if not 0 <= caption_dropout < 1:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {caption_dropout}")
     vae = load_vae(vae_path, dtype=torch.float32)
     if vae.config.sample_size != dataset.resolution:
         raise ValueError(f"the VAE was trained at {vae.config.sample_size} px: use --resolution "
                          f"{vae.config.sample_size}")
-    model = new_text_to_image_model(vae, seed)
+    scheduler_config = ZERO_SNR_SCHEDULER if zero_terminal_snr else SD_SCHEDULER
+    model = new_text_to_image_model(vae, seed, scheduler_config)
     sd = model.sd
     sd.unet.config.sample_size = dataset.resolution // sd.vae_scale_factor  # what the pipeline draws by default
     examples = CaptionedExamples(dataset, sd.tokenizer, caption_dropout)
@@ -182,14 +191,14 @@ def text_to_image_task(vae_path: str | Path, dataset: CaptionedShapes, caption_d
     def save_model(path: Path, weights: str) -> None:
         source = (f"minidiff train.py text-to-image: UNet and text encoder trained from scratch on {dataset.source} "
                   f"(caption dropout {caption_dropout}) over the VAE of {Path(vae_path).resolve()}; {weights}")
-        save_stable_diffusion(path, sd, source=source, scheduler_config=SD_SCHEDULER, dtype=torch.float16)
+        save_stable_diffusion(path, sd, source=source, scheduler_config=scheduler_config, dtype=torch.float16)
 
     def sample_grid(generator: torch.Generator):
         images = draw(prompts, num_inference_steps=sample_steps, guidance_scale=guidance_scale, generator=generator)
         return make_grid(images, columns=min(4, len(images)))
 
     fingerprint = {"mode": "text-to-image", "vae": str(Path(vae_path).resolve()), "unet": TINY_UNET,
-                   "text_encoder": TINY_TEXT_ENCODER, "scheduler": SD_SCHEDULER, "data": dataset.source,
+                   "text_encoder": TINY_TEXT_ENCODER, "scheduler": scheduler_config, "data": dataset.source,
                    "caption_dropout": caption_dropout}
     return Task(objective, examples, save_model, sample_grid, fingerprint)
 

@@ -9,7 +9,7 @@ import torch
 
 import train
 from minidiff.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
-from minidiff.pipelines import PixelPipeline
+from minidiff.pipelines import DEFAULT_CFG_SCALE, PixelPipeline
 from minidiff.pixel_training import PixelDenoiser
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
 from minidiff.unet import UNet2DConfig
@@ -97,7 +97,7 @@ def test_command_lines(tmp_path, capsys):
                         "--out", str(out)]) == 0
     from PIL import Image
 
-    assert Image.open(out).text["cfg_scale"] == "3.0"
+    assert Image.open(out).text["cfg_scale"] == str(DEFAULT_CFG_SCALE) != "1.0"
     capsys.readouterr()
     cases = [
         (["train", "class-conditioned", *fast, "--label-dropout", "1", "--output-dir", str(tmp_path / "a")],

@@ -119,3 +119,20 @@ def test_cli_errors(vae_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and expected in err and "\n" not in err
         assert not out.exists()
+
+
+def test_zero_terminal_snr_recipe(vae_dir, tmp_path):
+    """--zero-terminal-snr: the folder records Lin et al.'s schedule (pure noise at t = T, v-prediction, trailing
+    steps), and the loaded model samples from t = T with it."""
+    out = tmp_path / "run"
+    assert train.main(["text-to-image", "--vae", str(vae_dir), "--output-dir", str(out), "--zero-terminal-snr",
+                       *FAST]) == 0
+    scheduler = read_config(out / "model")["scheduler"]
+    assert scheduler["rescale_betas_zero_snr"] is True
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["timestep_spacing"] == "trailing"
+    sd = load_stable_diffusion(out / "model", dtype=torch.float32)
+    assert sd.scheduler.alphas_cumprod[-1] < 1e-6  # SD's own: 0.0047
+    sd.scheduler.set_timesteps(4)
+    assert int(sd.scheduler.timesteps[0]) == 999
+    images = sd("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert images.shape == (1, 3, RES, RES) and torch.isfinite(images).all()
