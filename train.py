@@ -15,7 +15,7 @@ r"""Train or fine-tune a minidiff model; the result is a model folder that sampl
     python train.py ddpm ... --resume                      (continue the run in --output-dir exactly)
     python train.py vae --output-dir runs/tiny-vae                 (Stable Diffusion from scratch, on shapes:
     python train.py text-to-image --vae runs/tiny-vae/model --output-dir runs/tiny-sd     two stages)
-    python sample.py --model weights/digits --class-label 7 --out sevens.png   (the shipped digits; runs/.../model alike)
+    python sample.py --model weights/digits --class-label 7 --out sevens.png   (the shipped digits model)
     python sample.py --model runs/cat-toy/model --prompt "a photo of <cat-toy> on a beach" --out toy.png
 
 --output-dir receives checkpoint.pt (the whole training state, rewritten atomically every
