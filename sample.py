@@ -15,7 +15,7 @@ Stable Diffusion models (converted SD 1.x / 2.x):
     python sample.py --model weights/sd-1-5 --prompt "..." --init-image photo.png --strength 0.6 --out img2img.png
     python sample.py --model weights/sd-inpainting --prompt "..." --init-image photo.png --mask mask.png --out x.png
 
-A thin front of minidiff/pipelines.py and minidiff/stable_diffusion.py: everything here is callable from
+A thin front of minidiff/pipelines/pixel.py and minidiff/pipelines/stable_diffusion.py: everything here is callable from
 Python. The PNG carries the settings that made it in its text metadata. A mistake in the arguments is one line
 on stderr and exit code 2.
 """
@@ -32,11 +32,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from minidiff.clip_guidance import clip_guidance
-from minidiff.guidance import LossGuidance, color_loss, parse_hex_color
 from minidiff.images import make_grid, save_png, to_pil
-from minidiff.pipelines import DEFAULT_CFG_SCALE
-from minidiff.pretrained import (
+from minidiff.loading.model_folder import (
     DTYPES,
     ModelFolderError,
     load_clip,
@@ -44,6 +41,9 @@ from minidiff.pretrained import (
     load_stable_diffusion,
     read_config,
 )
+from minidiff.pipelines.clip_guidance import clip_guidance
+from minidiff.pipelines.guidance import LossGuidance, color_loss, parse_hex_color
+from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-sd"
 DEFAULT_PROMPT = "a big red circle"  # for the default model: words of its training captions

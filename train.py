@@ -35,11 +35,14 @@ from pathlib import Path
 
 import torch
 
-from minidiff.data import CaptionedShapes, load_image_folder, load_mnist_digits
-from minidiff.distributed import World, close_distributed, init_distributed
-from minidiff.pixel_training import MODES, load_model, new_model, pixel_task, scratch_scheduler_config
-from minidiff.schedulers import BETA_SCHEDULES, PREDICTION_TYPES
-from minidiff.sd_training import (
+from minidiff.schedulers.base import BETA_SCHEDULES, PREDICTION_TYPES
+from minidiff.training.data import load_image_folder, load_mnist_digits
+from minidiff.training.distributed import World, close_distributed, init_distributed
+from minidiff.training.from_scratch import DEFAULTS as SCRATCH_DEFAULTS
+from minidiff.training.from_scratch import MODES as SCRATCH_MODES
+from minidiff.training.from_scratch import text_to_image_task, vae_task
+from minidiff.training.loop import LR_SCHEDULES, Task, TrainConfig, Trainer
+from minidiff.training.personalize import (
     DEFAULTS,
     TEMPLATES,
     dreambooth_task,
@@ -48,11 +51,9 @@ from minidiff.sd_training import (
     load_sd_model,
     textual_inversion_task,
 )
-from minidiff.sd_training import MODES as SD_MODES
-from minidiff.text_to_image import DEFAULTS as SCRATCH_DEFAULTS
-from minidiff.text_to_image import MODES as SCRATCH_MODES
-from minidiff.text_to_image import text_to_image_task, vae_task
-from minidiff.training import LR_SCHEDULES, Task, TrainConfig, Trainer
+from minidiff.training.personalize import MODES as SD_MODES
+from minidiff.training.pixel import MODES, load_model, new_model, pixel_task, scratch_scheduler_config
+from minidiff.training.shapes import CaptionedShapes
 
 DEFAULT_BETA_SCHEDULE = {"ddpm": "linear", "class-conditioned": "squaredcos_cap_v2"}  # the course's choices
 CLASS_EMB_SIZE = 4  # the notebook's class embedding width (ClassConditionedConfig's default)
@@ -168,7 +169,7 @@ def add_sd_options(parser: argparse.ArgumentParser, mode: str) -> None:
 
 
 def add_scratch_options(parser: argparse.ArgumentParser, mode: str) -> None:
-    data = parser.add_argument_group("data: minidiff's captioned shapes (data.py), drawn anew at every step")
+    data = parser.add_argument_group("data: minidiff's captioned shapes (training/shapes.py), drawn anew at every step")
     data.add_argument("--resolution", type=int, default=64, help="image size (default 64)")
     model = parser.add_argument_group("model")
     if mode == "vae":
@@ -234,8 +235,7 @@ def pixel_task_from_args(args: argparse.Namespace) -> Task:
         if given:
             raise ValueError(f"{', '.join(given)}: the model folder fixes its noise schedule; drop the option(s)")
         model = load_model(args.model)
-        config = getattr(model.unet_config, "unet", model.unet_config)
-        default_size = config.sample_size
+        default_size = model.unet.sample_size
     else:
         unet_config = None if args.unet_config is None else read_unet_config(args.unet_config)
         default_size = DIGITS_SIZE if unet_config is None else unet_config.get("sample_size")

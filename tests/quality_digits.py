@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiff.data import load_mnist_digits
-from minidiff.pipelines import DEFAULT_CFG_SCALE
-from minidiff.pretrained import load_pixel_pipeline
+from minidiff.loading.model_folder import load_pixel_pipeline
+from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE
+from minidiff.training.data import load_mnist_digits
 
 TRAIN_POSITIONS, VAL_POSITIONS = slice(400, 480), slice(480, 500)  # per class; the generator sees 0:400
 EPOCHS, BATCH_SIZE, LEARNING_RATE = 60, 50, 2e-3

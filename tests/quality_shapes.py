@@ -1,6 +1,6 @@
-"""An analytic checker of captioned-shapes images (minidiff/data.py): reads a picture's background, colour, shape,
-size and position back off its pixels, so a text-to-image model's samples can be scored against their captions
-without a second learned model.
+"""An analytic checker of captioned-shapes images (minidiff/training/shapes.py): reads a picture's background,
+colour, shape, size and position back off its pixels, so a text-to-image model's samples can be scored against their
+captions without a second learned model.
 
     background  nearest BACKGROUNDS colour to the median of the border pixels
     mask        pixels nearer the shape's colour than the background's, cleaned of specks; largest component
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidiff.data import BACKGROUNDS, COLORS, POSITIONS, SIZES, Scene
+from minidiff.training.shapes import BACKGROUNDS, COLORS, POSITIONS, SIZES, Scene
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 # Half the smallest background-to-colour distance: a pixel this far from the background is no longer background.
@@ -107,7 +107,7 @@ def shape_from_moments(weights: np.ndarray) -> str:
 
 def describe_image(image: torch.Tensor | Image.Image) -> dict[str, str]:
     """image: (3, H, W) uint8 tensor or PIL RGB image -> {"background", "color", "shape", "size", "position"},
-    each a name from minidiff/data.py, or "none" for all but the background when there is no foreground."""
+    each a name from minidiff/training/shapes.py, or "none" for all but the background when there is no foreground."""
     pixels = as_pixels(image)  # (H, W, 3)
     height, width, _ = pixels.shape
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2H + 2W, 3)

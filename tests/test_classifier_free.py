@@ -1,5 +1,5 @@
 """Classifier-free guidance for the course's class-conditioned UNet: the "no class" label, label dropout in
-training, and the guided sampling loop (pipelines.py), checked against the formula written out by hand."""
+training, and the guided sampling loop (pipelines/pixel.py), checked against the formula written out by hand."""
 
 import importlib.util
 from pathlib import Path
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import train
-from minidiff.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
-from minidiff.pipelines import DEFAULT_CFG_SCALE, PixelPipeline
-from minidiff.pixel_training import PixelDenoiser
+from minidiff.models.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
+from minidiff.models.unet import UNet2DConfig
+from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE, PixelPipeline
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
-from minidiff.unet import UNet2DConfig
+from minidiff.training.pixel import PixelDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNet2DConfig(sample_size=8, in_channels=5, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,

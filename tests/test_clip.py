@@ -33,13 +33,13 @@ from PIL import Image
 from torch import nn
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from minidiff import clip
-from minidiff.clip_keymaps import (
+from minidiff.convert.keymaps.clip import (
     clip_from_open_clip,
     clip_from_transformers,
-    load_textual_inversion,
     text_encoder_from_sd,
 )
+from minidiff.loading.textual_inversion import load_textual_inversion
+from minidiff.models import clip
 
 ATOL = 1e-6
 # runwayml/stable-diffusion-v1-5 text_encoder/config.json, as the hub has it; stabilityai/stable-diffusion-2-1's

@@ -1,4 +1,4 @@
-"""CLIP guidance (minidiff/clip_guidance.py): the spherical distance, the cutouts, the course's loop, and that
+"""CLIP guidance (minidiff/pipelines/clip_guidance.py): the spherical distance, the cutouts, the course's loop, and that
 guidance does what it is for.
 
 Models are tiny and random: a minidiff CLIPModel (32x32 images) and a pixel UNet2DModel (16x16), the UNet
@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 from diffusers import UNet2DModel as DiffusersUNet2DModel
 
-from minidiff.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, _normalize, preprocess_tensor
-from minidiff.clip_guidance import (
+from minidiff.convert.keymaps.unet import unet2d_from_diffusers
+from minidiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, _normalize, preprocess_tensor
+from minidiff.models.tokenizer import CLIPTokenizer
+from minidiff.models.unet import UNet2DConfig, UNet2DModel
+from minidiff.pipelines.clip_guidance import (
     CLIPGuidanceLoss,
     clip_guidance,
     crop_and_rotate,
@@ -27,12 +30,9 @@ from minidiff.clip_guidance import (
     random_cutouts,
     spherical_distance_loss,
 )
-from minidiff.guidance import LossGuidance, course_sqrt_alpha_bar, sqrt_alpha_bar
-from minidiff.keymaps import unet2d_from_diffusers
-from minidiff.pipelines import PixelPipeline
+from minidiff.pipelines.guidance import LossGuidance, course_sqrt_alpha_bar, sqrt_alpha_bar
+from minidiff.pipelines.pixel import PixelPipeline
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
-from minidiff.tokenizer import CLIPTokenizer
-from minidiff.unet import UNet2DConfig, UNet2DModel
 
 ATOL = 1e-5
 PROMPT = "Red Rose (still life), red flower painting"  # the course's

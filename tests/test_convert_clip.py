@@ -15,10 +15,10 @@ from test_clip import TINY_TEXT, TINY_VISION, reference, to_open_clip
 from test_convert_sd import fails, hub_tokenizer
 from test_tokenizer import REFERENCE_CONFIGS
 
-from minidiff import clip
-from minidiff.convert import main as convert_main
-from minidiff.convert_clip import CLIP_CONFIGS
-from minidiff.pretrained import load_clip
+from minidiff.convert.cli import main as convert_main
+from minidiff.convert.clip import CLIP_CONFIGS
+from minidiff.loading.model_folder import load_clip
+from minidiff.models import clip
 
 ATOL = 1e-6
 TINY_CLIP = dict(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=12)

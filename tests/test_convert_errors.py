@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from test_convert_sd import TINY_UNET, fails, ldm_checkpoint, tiny_pipeline
 
-from minidiff.convert import main as convert_main
+from minidiff.convert.cli import main as convert_main
 
 
 @pytest.fixture(scope="module")

@@ -36,15 +36,15 @@ from test_tokenizer import REFERENCE_CONFIGS
 from test_unet_condition import to_ldm as unet_to_ldm
 from test_vae import to_ldm as vae_to_ldm
 
-from minidiff import convert_sd
-from minidiff.clip import CLIPTextConfig
 from minidiff.config import to_json_dict
-from minidiff.convert import main as convert_main
-from minidiff.pretrained import load_stable_diffusion
-from minidiff.sd_unet_keymaps import LDM_BUFFERS
-from minidiff.tokenizer import load_clip_bpe
-from minidiff.unet_condition import UNet2DConditionConfig
-from minidiff.vae import AutoencoderKLConfig
+from minidiff.convert import sd as convert_sd
+from minidiff.convert.cli import main as convert_main
+from minidiff.convert.keymaps.sd_unet import LDM_BUFFERS
+from minidiff.loading.model_folder import load_stable_diffusion
+from minidiff.models.clip import CLIPTextConfig
+from minidiff.models.tokenizer import load_clip_bpe
+from minidiff.models.unet_condition import UNet2DConditionConfig
+from minidiff.models.vae import AutoencoderKLConfig
 
 ATOL = 1e-6
 CA_DOWN, CA_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"

@@ -1,4 +1,4 @@
-"""minidiff/memory.py: after keep_freed_memory(), a network run again reuses the pages of its freed activations
+"""minidiff/loading/memory.py: after keep_freed_memory(), a network run again reuses the pages of its freed activations
 instead of asking the kernel for fresh zero-filled ones (the cost it removes from every denoising step).
 
 Measured per pass over many passes, compared by the median: a one-off fault (a heap that grows once because
@@ -16,7 +16,7 @@ PASSES = 12
 SCRIPT = f"""
 import resource, statistics, sys, torch
 if sys.argv[1] == "keep":
-    from minidiff.memory import keep_freed_memory
+    from minidiff.loading.memory import keep_freed_memory
     keep_freed_memory()
 torch.manual_seed(0)
 net = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(4)])

@@ -29,9 +29,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minidiff.convert import main as convert_main
-from minidiff.guidance import LossGuidance, color_loss
-from minidiff.pretrained import load_pixel_pipeline
+from minidiff.convert.cli import main as convert_main
+from minidiff.loading.model_folder import load_pixel_pipeline
+from minidiff.pipelines.guidance import LossGuidance, color_loss
 
 ATOL = 1e-5
 TINY = dict(
@@ -194,7 +194,8 @@ def test_model_folder_without_scheduler_gets_ddpm_defaults(tiny, tmp_path, capsy
 
 
 def to_legacy_names(state_dict: dict) -> dict:
-    """Modern names -> the attention names of old hub checkpoints (google/ddpm-*): see minidiff/keymaps.py."""
+    """Modern names -> the attention names of old hub checkpoints (google/ddpm-*): see
+    minidiff/convert/keymaps/unet.py."""
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     pattern = re.compile(r"(attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.")
     return {pattern.sub(lambda m: f"{m[1]}.{legacy[m[2]]}.", k): v for k, v in state_dict.items()}

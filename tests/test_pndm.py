@@ -13,7 +13,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from minidiff.pndm import PNDMScheduler  # noqa: E402
+from minidiff.schedulers.pndm import PNDMScheduler  # noqa: E402
 from tests.test_schedulers import BETAS, REFERENCE_CONFIGS, SPACINGS, assert_close, dummy_model  # noqa: E402
 
 

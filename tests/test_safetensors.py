@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from minidiff.safetensors import DTYPES, SafetensorsError, SafetensorsFile, load_file, save_file
+from minidiff.loading.safetensors import DTYPES, SafetensorsError, SafetensorsFile, load_file, save_file
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
-from minidiff.pretrained import load_pixel_pipeline, save_pixel_model
-from minidiff.unet import UNet2DConfig, UNet2DModel
+from minidiff.loading.model_folder import load_pixel_pipeline, save_pixel_model
+from minidiff.models.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
+from minidiff.models.unet import UNet2DConfig, UNet2DModel
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
@@ -181,12 +181,12 @@ def test_command_line_smoke(models, tmp_path):
 
 def tiny_stable_diffusion(in_channels: int = 4):
     """A random tiny SD: 2-level UNet with cross-attention, 2-level VAE (factor 2), 2-layer CLIP text encoder."""
-    from minidiff.clip import CLIPTextConfig, CLIPTextModel
+    from minidiff.models.clip import CLIPTextConfig, CLIPTextModel
+    from minidiff.models.tokenizer import CLIPTokenizer
+    from minidiff.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+    from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+    from minidiff.pipelines.stable_diffusion import StableDiffusion
     from minidiff.schedulers import DDIMScheduler
-    from minidiff.stable_diffusion import StableDiffusion
-    from minidiff.tokenizer import CLIPTokenizer
-    from minidiff.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
-    from minidiff.vae import AutoencoderKL, AutoencoderKLConfig
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(UNet2DConditionConfig(
@@ -205,9 +205,9 @@ def tiny_stable_diffusion(in_channels: int = 4):
 
 @pytest.fixture(scope="module")
 def text_models(tmp_path_factory):
-    from minidiff.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
     from minidiff.config import to_json_dict
-    from minidiff.pretrained import save_model_folder, save_stable_diffusion
+    from minidiff.loading.model_folder import save_model_folder, save_stable_diffusion
+    from minidiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     folder = tmp_path_factory.mktemp("text-models")
     sd = tiny_stable_diffusion()
@@ -231,7 +231,7 @@ def text_models(tmp_path_factory):
 
 
 def test_save_stable_diffusion_round_trip(text_models):
-    from minidiff.pretrained import load_stable_diffusion
+    from minidiff.loading.model_folder import load_stable_diffusion
 
     loaded = load_stable_diffusion(text_models.folder / "sd")
     for name in ("unet", "vae", "text_encoder"):
@@ -243,7 +243,7 @@ def test_save_stable_diffusion_round_trip(text_models):
 
 
 def test_txt2img_grid_matches_the_library(text_models, tmp_path):
-    from minidiff.pretrained import load_stable_diffusion
+    from minidiff.loading.model_folder import load_stable_diffusion
 
     out = tmp_path / "fox.png"
     assert run(text_models.folder / "sd", out, "--prompt", "a red <cat-toy>", "--negative-prompt", "blurry",
@@ -260,7 +260,7 @@ def test_txt2img_grid_matches_the_library(text_models, tmp_path):
 
 
 def test_several_prompts_make_one_row_each(text_models, tmp_path):
-    from minidiff.pretrained import load_stable_diffusion
+    from minidiff.loading.model_folder import load_stable_diffusion
 
     out, prompts = tmp_path / "rows.png", ["a red cat", "a blue dog"]
     assert run(text_models.folder / "sd", out, "--prompt", *prompts, "--steps", "2", "--num-images", "2",

@@ -1,6 +1,6 @@
-"""train.py dreambooth and textual-inversion (minidiff/sd_training.py) end to end on a tiny random Stable Diffusion:
-what each mode trains and what it leaves bit-identical, the saved model sampled by sample.py, Dreambooth's class
-images and prior-preservation loss, the textual-inversion file loaded back, exact resume, and bad input.
+"""train.py dreambooth and textual-inversion (minidiff/training/personalize.py) end to end on a tiny random Stable
+Diffusion: what each mode trains and what it leaves bit-identical, the saved model sampled by sample.py, Dreambooth's
+class images and prior-preservation loss, the textual-inversion file loaded back, exact resume, and bad input.
 
 The model is test_sample_cli.py's tiny_stable_diffusion (VAE factor 2, so 16x16 images give 8x8 latents); runs
 are a few steps, in-process through train.py's main([...]).
@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 from test_sample_cli import TINY, save_random_model, tiny_stable_diffusion
 
-from minidiff import training
-from minidiff.checkpoint import load_checkpoint
-from minidiff.pretrained import load_stable_diffusion, load_textual_inversion_into, save_stable_diffusion
-from minidiff.safetensors import load_file
-from minidiff.sd_training import LatentDenoiser, generate_class_images, load_sd_model
+from minidiff.loading.model_folder import load_stable_diffusion, save_stable_diffusion
+from minidiff.loading.safetensors import load_file
+from minidiff.loading.textual_inversion import load_textual_inversion_into
+from minidiff.training import loop as training
+from minidiff.training.checkpoint import load_checkpoint
+from minidiff.training.personalize import LatentDenoiser, generate_class_images, load_sd_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def losses(out: Path) -> list[float]:
 
 
 def fresh_tokenizer_id(word: str) -> int:
-    from minidiff.tokenizer import CLIPTokenizer
+    from minidiff.models.tokenizer import CLIPTokenizer
 
     (token_id,) = CLIPTokenizer().encode(word)
     return token_id

@@ -1,5 +1,5 @@
-"""The captioned-shapes dataset (minidiff/data.py) and its analytic checker (tests/quality_shapes.py): the splits,
-determinism of images and captions, what captions say, the checker reading every attribute back off rendered
+"""The captioned-shapes dataset (minidiff/training/shapes.py) and its analytic checker (tests/quality_shapes.py): the
+splits, determinism of images and captions, what captions say, the checker reading every attribute back off rendered
 (and noisy) images, the checker failing when it should, and the dataset's examples."""
 
 import itertools
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from quality_shapes import ATTRIBUTES, agreement, describe_image
 
-from minidiff.data import (
+from minidiff.training.shapes import (
     BACKGROUNDS,
     CAPTION_TEMPLATES,
     COLORS,

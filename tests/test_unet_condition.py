@@ -27,7 +27,7 @@ import torch
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-from minidiff.sd_unet_keymaps import (
+from minidiff.convert.keymaps.sd_unet import (
     LDM_BUFFERS,
     LDM_UNET_PREFIX,
     ldm_unet_config,
@@ -35,7 +35,7 @@ from minidiff.sd_unet_keymaps import (
     unet_condition_from_diffusers,
     unet_condition_from_ldm,
 )
-from minidiff.unet_condition import UNSUPPORTED, UNet2DConditionConfig, UNet2DConditionModel
+from minidiff.models.unet_condition import UNSUPPORTED, UNet2DConditionConfig, UNet2DConditionModel
 
 ATOL = 1e-6
 CA_DOWN, CA_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"

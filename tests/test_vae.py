@@ -22,8 +22,8 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from minidiff.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
-from minidiff.vae_keymaps import vae_from_diffusers, vae_from_ldm
+from minidiff.convert.keymaps.vae import vae_from_diffusers, vae_from_ldm
+from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 
 ATOL = 1e-6
 

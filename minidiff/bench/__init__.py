@@ -1,0 +1,1 @@
+"""python -m minidiff.bench: minidiff side by side with the reference libraries."""

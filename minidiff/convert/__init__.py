@@ -1,0 +1,1 @@
+"""python -m minidiff.convert: other libraries' checkpoints -> minidiff model folders."""

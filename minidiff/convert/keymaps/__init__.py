@@ -1,0 +1,1 @@
+"""Key maps, one file per model family: other libraries' names -> minidiff's."""

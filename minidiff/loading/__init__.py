@@ -1,0 +1,1 @@
+"""Model folders on disk: safetensors, strict loading, textual inversion, memory."""

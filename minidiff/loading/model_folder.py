@@ -1,0 +1,286 @@
+"""A minidiff model on disk: a folder holding config.json and one .safetensors file per component.
+
+    weights/ddpm-celebahq-256/              weights/stable-diffusion-v1-5/
+        config.json                             config.json
+        unet.safetensors                        unet.safetensors, vae.safetensors, text_encoder.safetensors
+                                                tokenizer/vocab.json, merges.txt (only if not CLIP's own)
+
+config.json is human-readable. It says what kind of model the folder holds and gives each component's class
+and config, under diffusers' / transformers' field names:
+
+    {"minidiff_version": ..., "kind": "pixel" | "stable-diffusion" | "clip", "source": "where it came from",
+     "unet": {"class": "UNet2DModel", "config": {...}},          one section per .safetensors file
+     "tokenizer": {"pad_token": "!", "model_max_length": 77},    Stable Diffusion and CLIP (text) only
+     "scheduler": {...}}                                         a diffusers scheduler_config.json as it is
+
+Weights load memory-mapped, straight into a module built on the meta device (no random init first, no copy
+unless a dtype change asks for one), and strictly: every key and shape must fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minidiff import __version__
+from minidiff.config import to_json_dict
+from minidiff.loading.memory import keep_freed_memory
+from minidiff.loading.safetensors import load_file, save_file
+from minidiff.loading.strict import check_state_dict
+from minidiff.models.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
+from minidiff.models.clip import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+from minidiff.models.tokenizer import CLIPTokenizer, load_clip_bpe, read_tokenizer_folder
+from minidiff.models.unet import UNet2DConfig, UNet2DModel
+from minidiff.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from minidiff.pipelines.pixel import PixelPipeline
+from minidiff.pipelines.stable_diffusion import StableDiffusion
+from minidiff.schedulers import SCHEDULERS, Scheduler
+
+# What a component section's "class" may name: the module class and how to read its config.
+MODEL_CLASSES = {
+    "UNet2DModel": (UNet2DModel, UNet2DConfig.from_dict),
+    "ClassConditionedUNet": (ClassConditionedUNet, lambda d: ClassConditionedConfig(**d)),
+    "UNet2DConditionModel": (UNet2DConditionModel, UNet2DConditionConfig.from_dict),
+    "AutoencoderKL": (AutoencoderKL, AutoencoderKLConfig.from_dict),
+    "CLIPTextModel": (CLIPTextModel, CLIPTextConfig.from_dict),
+    "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig.from_dict),
+    "CLIPVisionModel": (CLIPVisionModel, CLIPVisionConfig.from_dict),
+    "CLIPVisionModelWithProjection": (CLIPVisionModelWithProjection, CLIPVisionConfig.from_dict),
+    "CLIPModel": (CLIPModel, CLIPConfig.from_dict),
+}
+CLIP_CLASSES = tuple(name for name in MODEL_CLASSES if name.startswith("CLIP"))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelFolderError(ValueError):
+    """A folder that is not a minidiff model, or not the kind asked for; the message says what to do."""
+
+
+def save_model_folder(
+    path: str | os.PathLike,
+    config: dict,
+    components: Mapping[str, Mapping[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+    files: Mapping[str, str] | None = None,
+) -> None:
+    """Write a model folder at `path` (which must not exist yet): config.json (`config`, with minidiff's version
+    first), one <name>.safetensors per entry of `components` ({name: state dict}, floating-point tensors cast
+    to `dtype` if given) and the text `files` ({relative path: content}, e.g. "tokenizer/vocab.json").
+
+    Everything is written into a temporary sibling folder that is renamed into place at the end, so a failed
+    run leaves nothing half-written and never touches an existing folder."""
+    path = Path(path)
+    if path.exists():
+        raise ModelFolderError(f"{path} already exists: choose a new output folder or remove it first")
+    temp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        for name, state_dict in components.items():
+            if dtype is not None:
+                state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+            save_file(state_dict, temp / f"{name}.safetensors")
+        for name, text in (files or {}).items():
+            (temp / name).parent.mkdir(parents=True, exist_ok=True)
+            (temp / name).write_text(text, encoding="utf-8")
+        (temp / "config.json").write_text(json.dumps({"minidiff_version": __version__, **config}, indent=2) + "\n")
+        os.replace(temp, path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def save_pixel_model(
+    path: str | os.PathLike,
+    unet: nn.Module | dict[str, torch.Tensor],
+    unet_config: UNet2DConfig | ClassConditionedConfig,
+    scheduler_config: dict,
+    source: str = "",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a pixel-space model folder at `path` (which must not exist yet): see save_model_folder."""
+    unet_class = "ClassConditionedUNet" if isinstance(unet_config, ClassConditionedConfig) else "UNet2DModel"
+    config = {
+        "kind": "pixel",
+        "source": source,
+        "unet": {"class": unet_class, "config": to_json_dict(unet_config)},
+        "scheduler": scheduler_config,
+    }
+    state_dict = unet.state_dict() if isinstance(unet, nn.Module) else unet
+    save_model_folder(path, config, {"unet": state_dict}, dtype)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The parsed config.json of a minidiff model folder, with a clear error if there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path} does not exist or is not a folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        hint = " (a diffusers or hub folder? convert it first: python -m minidiff.convert SRC DST)"
+        raise ModelFolderError(f"{path} is not a minidiff model folder: no config.json{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "kind" not in config:
+        raise ModelFolderError(f"{config_file} has no 'kind': convert the model with python -m minidiff.convert")
+    return config
+
+
+def load_module(module: nn.Module, weights: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fill `module` (built on the meta device) with the tensors of a .safetensors file, strictly."""
+    keep_freed_memory()  # the weights stay memory-mapped; see memory.py for why that matters to speed
+    state_dict = load_file(weights)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    try:
+        check_state_dict(module, state_dict)
+    except ValueError as e:
+        raise ModelFolderError(f"{weights}: {e}") from None
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_component(path: Path, config: dict, name: str, classes: tuple[str, ...], dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu") -> nn.Module:
+    """Build the module that section `name` of a folder's config.json describes (its class must be one of
+    `classes`) on the meta device, and fill it with <name>.safetensors, strictly."""
+    section = config.get(name)
+    found = section.get("class") if isinstance(section, dict) else None
+    if found not in classes:
+        raise ModelFolderError(f"{path}/config.json: the {name} section names class {found!r}, not one of "
+                               f"{', '.join(classes)}")
+    model_class, make_config = MODEL_CLASSES[found]
+    try:
+        component_config = make_config(section["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}/config.json: invalid {name} config: {e}") from None
+    with torch.device("meta"):
+        module = model_class(component_config)
+    return load_module(module, path / f"{name}.safetensors", dtype).to(device)
+
+
+def make_scheduler(path: Path, scheduler_config: dict, name: str | None, allowed: tuple[str, ...]) -> Scheduler:
+    """The scheduler `name` (one of `allowed`; None: the class scheduler_config names) built from the folder's
+    scheduler config, so that the noise schedule the model was trained with is kept."""
+    by_class = {SCHEDULERS[key].__name__: SCHEDULERS[key] for key in allowed}
+    class_name = SCHEDULERS[name].__name__ if name in allowed else name or scheduler_config.get("_class_name")
+    if class_name not in by_class:
+        raise ModelFolderError(f"{path}: scheduler {class_name!r} is not one of {', '.join(allowed)}: pass one of "
+                               "those (the folder's noise schedule is kept)")
+    return by_class[class_name].from_config(dict(scheduler_config))
+
+
+def read_kind(path: Path, kind: str, what: str) -> dict:
+    config = read_config(path)
+    if config["kind"] != kind:
+        raise ModelFolderError(f"{path} holds a {config['kind']!r} model, not {what}")
+    return config
+
+
+def load_pixel_pipeline(
+    path: str | os.PathLike,
+    scheduler: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> PixelPipeline:
+    """Load a pixel-space model folder as a PixelPipeline. `scheduler` ("ddpm" or "ddim") overrides the
+    folder's own scheduler class, keeping its config (the noise schedule the model was trained with)."""
+    path = Path(path)
+    config = read_kind(path, "pixel", "a pixel-space DDPM")
+    unet = load_component(path, config, "unet", ("UNet2DModel", "ClassConditionedUNet"), dtype, device)
+    return PixelPipeline(unet, make_scheduler(path, config["scheduler"], scheduler, ("ddpm", "ddim")))
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+             ) -> AutoencoderKL:
+    """Load a VAE model folder ("kind": "vae", written by train.py vae)."""
+    path = Path(path)
+    return load_component(path, read_kind(path, "vae", "a VAE"), "vae", ("AutoencoderKL",), dtype, device)
+
+
+def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:
+    """CLIP's tokenizer with the folder's pad token, length and added tokens; the vocabulary from the folder's
+    tokenizer/ if the model brought one that differs from CLIP's own, else CLIP's shipped one."""
+    vocab, merges = None, None  # CLIP's own
+    if (path / "tokenizer").is_dir():
+        files = read_tokenizer_folder(path / "tokenizer")
+        vocab, merges = files.vocab, files.merges
+    tokenizer = CLIPTokenizer(vocab, merges, section["pad_token"], section["model_max_length"])
+    added = section.get("added_tokens", [])
+    if tokenizer.add_tokens(added) != len(added):
+        raise ModelFolderError(f"{path}/config.json: an added token is already in the vocabulary: {added}")
+    return tokenizer
+
+
+def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: str = "",
+                          dtype: torch.dtype | None = None, scheduler_config: dict | None = None) -> None:
+    """Write a loaded (or trained) StableDiffusion as a model folder that load_stable_diffusion reads back: its
+    components, its scheduler's config, and the tokenizer's pad token, length and added tokens (with the
+    vocabulary files only if they are not CLIP's own).
+
+    scheduler_config: the scheduler section to write instead, e.g. the source folder's own, which keeps the keys
+    that sd.scheduler's class does not use but another one would (PNDM ignores clip_sample; DDIM reads it)."""
+    tokenizer = sd.tokenizer
+    section = {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.model_max_length}
+    if tokenizer.added_tokens:
+        section["added_tokens"] = sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get)
+    files = {}
+    vocab, merges = load_clip_bpe()
+    if tokenizer.encoder != vocab or list(tokenizer.bpe_ranks) != merges:
+        files["tokenizer/vocab.json"] = json.dumps(tokenizer.encoder, ensure_ascii=False)
+        files["tokenizer/merges.txt"] = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.bpe_ranks)
+    modules = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
+    config = {"kind": "stable-diffusion", "source": source,
+              **{name: {"class": type(m).__name__, "config": to_json_dict(m.config)} for name, m in modules.items()},
+              "tokenizer": section,
+              "scheduler": scheduler_config or {"_class_name": type(sd.scheduler).__name__,
+                                                **to_json_dict(sd.scheduler.config)}}
+    save_model_folder(path, config, {name: m.state_dict() for name, m in modules.items()}, dtype, files)
+
+
+def load_stable_diffusion(
+    path: str | os.PathLike,
+    scheduler: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> StableDiffusion:
+    """Load a Stable Diffusion model folder (python -m minidiff.convert makes one from a diffusers pipeline or an
+    original single-file checkpoint). `scheduler` ("ddim", "ddpm" or "pndm") overrides the folder's own
+    scheduler class, keeping its config (noise schedule, prediction type)."""
+    path = Path(path)
+    config = read_kind(path, "stable-diffusion", "Stable Diffusion")
+    return StableDiffusion(
+        unet=load_component(path, config, "unet", ("UNet2DConditionModel",), dtype, device),
+        vae=load_component(path, config, "vae", ("AutoencoderKL",), dtype, device),
+        text_encoder=load_component(path, config, "text_encoder", ("CLIPTextModel",), dtype, device),
+        tokenizer=load_tokenizer(path, config["tokenizer"]),
+        scheduler=make_scheduler(path, config["scheduler"], scheduler, ("ddim", "ddpm", "pndm")),
+    )
+
+
+def load_clip(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, CLIPTokenizer | None]:
+    """Load a CLIP model folder: (CLIPModel, CLIPTextModel(WithProjection) or CLIPVisionModel(WithProjection),
+    its tokenizer; None for a vision-only model)."""
+    path = Path(path)
+    config = read_kind(path, "clip", "a CLIP model")
+    model = load_component(path, config, "clip", CLIP_CLASSES, dtype, device)
+    return model, load_tokenizer(path, config["tokenizer"]) if "tokenizer" in config else None

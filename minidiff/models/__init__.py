@@ -1,0 +1,1 @@
+"""The networks: layers, attention, the two UNets, the VAE, CLIP and its tokenizer."""

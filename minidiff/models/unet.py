@@ -1,0 +1,335 @@
+"""The pixel-space denoiser: diffusers' UNet2DModel (the DDPM UNet of Ho et al. 2020), built from a config.
+
+    x (B, in, H, W) -> conv_in -> down blocks -> mid block -> up blocks -> GroupNorm, SiLU, conv_out
+    t -> sinusoidal embedding -> MLP -> emb (B, 4*C0), added (per channel) inside every ResnetBlock
+
+Each down block halves the resolution (except the last); every intermediate feature map is kept on a skip
+stack and each up block concatenates one skip per ResnetBlock, so the UNet's two halves mirror each other.
+
+Reference: diffusers 0.42 models/unets/unet_2d.py and unet_2d_blocks.py (DownBlock2D, AttnDownBlock2D,
+UNetMidBlock2D, UpBlock2D, AttnUpBlock2D). Module names equal diffusers' names, so a modern diffusers
+state dict loads by identity (see minidiff/convert/cli.py for the legacy names of old hub checkpoints).
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from minidiff.config import from_json_dict, is_number, is_positive_int, require
+from minidiff.models.layers import (
+    ACTIVATIONS,
+    Attention,
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+
+
+@dataclass
+class UNet2DConfig:
+    """Field names and defaults are those of diffusers' UNet2DModel config.json."""
+
+    sample_size: int | tuple[int, int] | None = None  # training resolution; other sizes run too
+    in_channels: int = 3
+    out_channels: int = 3
+    center_input_sample: bool = False  # map input x to 2x - 1 first
+    time_embedding_type: str = "positional"  # sinusoidal; "fourier" and "learned" are not supported
+    time_embedding_dim: int | None = None  # None: 4 * block_out_channels[0]
+    freq_shift: float = 0  # google/ddpm-*: 1
+    flip_sin_to_cos: bool = True  # google/ddpm-*: False ([sin, cos])
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2D"  # None: no mid block
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
+    layers_per_block: int = 2  # ResnetBlocks per down block; up blocks have one more
+    mid_block_scale_factor: float = 1.0  # mid resnets and attention divide their output by this
+    downsample_padding: int = 1  # 0: pad right/bottom only (google/ddpm-*)
+    downsample_type: str = "conv"
+    upsample_type: str = "conv"
+    dropout: float = 0.0
+    act_fn: str = "silu"  # ResnetBlocks only; the time MLP and the output use SiLU regardless
+    attention_head_dim: int | None = 8  # channels per head; None: one head. A config without the key gets 8
+    norm_num_groups: int = 32
+    attn_norm_num_groups: int | None = None  # mid-block attention GroupNorm; None: norm_num_groups
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: str = "default"  # "scale_shift" is not supported
+    add_attention: bool = True  # attention in the mid block
+    class_embed_type: str | None = None  # None (nn.Embedding if num_class_embeds), "timestep", "identity"
+    num_class_embeds: int | None = None
+    num_train_timesteps: int | None = None  # only used by "learned" time embeddings; ignored
+
+    def __post_init__(self):
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if isinstance(self.sample_size, list):
+            self.sample_size = tuple(self.sample_size)
+        # diffusers accepts the old block names "UNetResDownBlock2D", ... for the same blocks.
+        self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
+        self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
+        self._validate()
+
+    def _validate(self) -> None:
+        need = partial(require, self)
+
+        channels = self.block_out_channels
+        need(len(channels) > 0 and all(is_positive_int(c) for c in channels),
+             f"block_out_channels must be positive ints, got {channels}")
+        need(len(self.down_block_types) == len(channels) == len(self.up_block_types),
+             f"down_block_types, block_out_channels and up_block_types must have the same length, got "
+             f"{len(self.down_block_types)}, {len(channels)}, {len(self.up_block_types)}")
+        for kind in self.down_block_types + self.up_block_types:
+            need(kind in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"),
+                 f"unsupported block type {kind!r}; minidiff's pixel UNet has (Attn)DownBlock2D, (Attn)UpBlock2D")
+        need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
+             f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
+        need(self.mid_block_type in ("UNetMidBlock2D", None),
+             f"mid_block_type must be 'UNetMidBlock2D' or null, got {self.mid_block_type!r}")
+        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+            need(is_positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"):
+            value = getattr(self, name)
+            need(value is None or is_positive_int(value), f"{name} must be a positive int or null, got {value!r}")
+        for name in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        for name in ("norm_eps", "mid_block_scale_factor"):
+            value = getattr(self, name)
+            need(is_number(value) and value > 0, f"{name} must be > 0, got {value!r}")
+        need(is_number(self.freq_shift) and self.freq_shift >= 0,
+             f"freq_shift must be a number >= 0, got {self.freq_shift!r}")
+        need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+             f"dropout must be in [0, 1), got {self.dropout!r}")
+        need(self.time_embedding_type == "positional", f"time_embedding_type {self.time_embedding_type!r} is "
+             "not supported; minidiff implements 'positional' (sinusoidal) only")
+        need(self.resnet_time_scale_shift == "default", "resnet_time_scale_shift "
+             f"{self.resnet_time_scale_shift!r} is not supported; minidiff implements 'default' only")
+        need(self.downsample_type == "conv", f"downsample_type must be 'conv', got {self.downsample_type!r}")
+        need(self.upsample_type == "conv", f"upsample_type must be 'conv', got {self.upsample_type!r}")
+        need(self.downsample_padding in (0, 1), f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
+        need(isinstance(self.act_fn, str) and self.act_fn.lower() in ACTIVATIONS,
+             f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
+        need(self.class_embed_type in (None, "timestep", "identity"),
+             f"class_embed_type {self.class_embed_type!r} is not supported; use null, 'timestep' or 'identity'")
+
+        bad = [c for c in channels if c % self.norm_num_groups]
+        need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        attn_groups = self.attn_norm_num_groups or self.norm_num_groups
+        need(channels[-1] % attn_groups == 0,
+             f"block_out_channels[-1] = {channels[-1]} is not divisible by attn_norm_num_groups {attn_groups}")
+        attn_widths = [c for c, k in zip(channels, self.down_block_types, strict=True) if k.startswith("Attn")]
+        attn_widths += [c for c, k in zip(channels[::-1], self.up_block_types, strict=True) if k.startswith("Attn")]
+        attn_widths += [channels[-1]] if self.add_attention and self.mid_block_type else []
+        head = self.attention_head_dim
+        need(head is None or all(head <= c for c in attn_widths),
+             f"attention_head_dim {head} is wider than an attention block ({min(attn_widths, default=0)} channels)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNet2DConfig":
+        """Build from a diffusers UNet2DModel config.json dict, as it is.
+
+        Keys starting with "_" (_class_name, _diffusers_version, ...) are dropped; other unknown keys are
+        ignored with a warning naming them; invalid values raise ValueError.
+        """
+        return from_json_dict(cls, d)
+
+
+class DownBlock(nn.Module):
+    """layers_per_block ResnetBlocks (each followed by attention in AttnDownBlock2D), then a Downsample.
+
+    Returns the output and the skips it pushes: every resnet(+attention) output and the downsampled map.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
+                 add_attention: bool, add_downsample: bool, head_dim: int | None, cfg: UNet2DConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
+                        groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn)
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(
+            Attention(out_channels, head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+            for _ in range(num_layers if add_attention else 0)
+        )
+        # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
+        self.downsamplers = nn.ModuleList(
+            [Downsample(out_channels, padding=cfg.downsample_padding)] if add_downsample else []
+        )
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions:
+                h = self.attentions[i](h)
+            skips.append(h)
+        for downsample in self.downsamplers:
+            h = downsample(h)
+            skips.append(h)
+        return h, skips
+
+
+class UpBlock(nn.Module):
+    """layers_per_block + 1 ResnetBlocks, each eating one skip (concatenated on channels), each followed by
+    attention in AttnUpBlock2D; then an Upsample to the size of the next skip."""
+
+    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int,
+                 num_layers: int, add_attention: bool, add_upsample: bool, head_dim: int | None,
+                 cfg: UNet2DConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        for i in range(num_layers):
+            h_channels = prev_channels if i == 0 else out_channels
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            self.resnets.append(ResnetBlock(
+                h_channels + skip_channels, out_channels, temb_channels=temb_channels,
+                groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn))
+        self.attentions = nn.ModuleList(
+            Attention(out_channels, head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+            for _ in range(num_layers if add_attention else 0)
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)
+            if self.attentions:
+                h = self.attentions[i](h)
+        for upsample in self.upsamplers:
+            h = upsample(h, upsample_size)
+        return h
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock, attention (if add_attention), ResnetBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, temb_channels: int, head_dim: int | None, cfg: UNet2DConfig):
+        super().__init__()
+        scale = cfg.mid_block_scale_factor
+        self.resnets = nn.ModuleList(
+            ResnetBlock(channels, channels, temb_channels=temb_channels, groups=cfg.norm_num_groups,
+                        eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn, output_scale_factor=scale)
+            for _ in range(2)
+        )
+        groups = cfg.attn_norm_num_groups or cfg.norm_num_groups
+        self.attentions = nn.ModuleList(
+            [Attention(channels, head_dim, groups=groups, eps=cfg.norm_eps, rescale_output_factor=scale)]
+            if cfg.add_attention else []
+        )
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.resnets[0](h, emb)
+        for attention in self.attentions:
+            h = attention(h)
+        return self.resnets[1](h, emb)
+
+
+class UNet2DModel(nn.Module):
+    """diffusers' UNet2DModel: predicts noise (or x0 / v) from a noisy image, a timestep and a class.
+
+    Runs at any size the downsampling allows, not only sample_size: the up blocks upsample to the size of
+    the skip they meet, so sizes that are not multiples of 2**(levels-1) also work (diffusers' UNet2DModel
+    raises on those).
+    """
+
+    def __init__(self, config: UNet2DConfig):
+        super().__init__()
+        self.config = cfg = config
+        channels = cfg.block_out_channels
+        temb_dim = cfg.time_embedding_dim or 4 * channels[0]
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_dim)  # SiLU whatever act_fn says
+        if cfg.class_embed_type == "timestep":  # labels are numbers, embedded like timesteps
+            self.class_embedding = TimestepEmbedding(channels[0], temb_dim)
+        elif cfg.class_embed_type is None and cfg.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb_dim)
+        else:  # "identity" (labels are already (B, temb_dim) vectors) or no class input
+            self.class_embedding = None
+
+        def head_dim(c: int) -> int:
+            return cfg.attention_head_dim or c  # null: a single head as wide as the block
+
+        n = len(channels)
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            c_in = channels[max(i - 1, 0)]
+            self.down_blocks.append(DownBlock(
+                c_in, channels[i], temb_dim, cfg.layers_per_block, kind == "AttnDownBlock2D",
+                add_downsample=i < n - 1, head_dim=head_dim(channels[i]), cfg=cfg))
+        self.mid_block = MidBlock(channels[-1], temb_dim, head_dim(channels[-1]), cfg) if cfg.mid_block_type else None
+        rev = channels[::-1]
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.up_block_types):
+            self.up_blocks.append(UpBlock(
+                rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb_dim, cfg.layers_per_block + 1,
+                kind == "AttnUpBlock2D", add_upsample=i < n - 1, head_dim=head_dim(rev[i]), cfg=cfg))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=3, padding=1)
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return self.class_embedding is not None or self.config.class_embed_type == "identity"
+
+    # What a sampling loop asks of a pixel UNet; ClassConditionedUNet answers the same questions.
+    image_channels = property(lambda self: self.config.in_channels)
+    out_channels = property(lambda self: self.config.out_channels)
+    sample_size = property(lambda self: self.config.sample_size)
+    num_classes = property(lambda self: self.config.num_class_embeds)  # None for "identity" embeddings
+    has_null_class = False  # no "no class" label: no classifier-free guidance
+
+    def _embed(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, block_out_channels[0]) sinusoidal features."""
+        return timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                  self.config.freq_shift)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sample (B, in, H, W), timestep (a number, a 0-d or (B,) tensor), class_labels (B,) ->
+        the prediction (B, out, H, W), returned as a plain tensor (diffusers returns `.sample`).
+
+        Unlike diffusers, a Python float timestep is not truncated to an int (diffusers turns 499.5 into
+        499); a tensor timestep behaves exactly as in diffusers.
+        """
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        dtype = self.conv_in.weight.dtype
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() not in (1, sample.shape[0]):
+            raise ValueError(f"got {t.numel()} timesteps for a batch of {sample.shape[0]}; pass one or one each")
+        t = t.expand(sample.shape[0])  # (B,)
+        emb = self.time_embedding(self._embed(t).to(dtype))  # (B, temb_dim)
+
+        if self.is_class_conditional:
+            if class_labels is None:
+                raise ValueError("this UNet is class-conditioned: pass class_labels")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self._embed(class_labels).to(dtype)
+            class_emb = class_labels if self.class_embedding is None else self.class_embedding(class_labels)
+            emb = emb + class_emb.to(dtype)
+        elif class_labels is not None:
+            raise ValueError("this UNet has no class embedding (set num_class_embeds or class_embed_type)")
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb)
+            skips += block_skips
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            h = block(h, block_skips, emb, upsample_size=skips[-1].shape[-2:] if skips else None)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+

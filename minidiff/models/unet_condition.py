@@ -1,0 +1,343 @@
+"""The text-conditional latent denoiser of Stable Diffusion: diffusers' UNet2DConditionModel, from a config.
+
+    z (B, 4, h, w) -> conv_in -> down blocks -> mid block -> up blocks -> GroupNorm, SiLU, conv_out -> (B, 4, h, w)
+    t -> sinusoidal embedding -> MLP -> emb (B, 4*C0), added per channel inside every ResnetBlock
+    text (B, L, D) -> read by the cross-attention of every Transformer2D (minidiff/models/transformer.py)
+
+The skeleton is the pixel UNet's (minidiff/models/unet.py): ResnetBlocks, a skip stack, Down/Upsample. What is new
+is the Transformer2D after each ResnetBlock of the "CrossAttn" blocks, where the pixels attend to the text.
+h and w are any latent size (height/8, width/8): the up blocks upsample to the size of the skip they meet.
+Inpainting UNets take 9 input channels: the noisy latents, the mask and the masked image's latents.
+
+Reference: diffusers 0.42 models/unets/unet_2d_condition.py and unet_2d_blocks.py (CrossAttnDownBlock2D,
+DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D, UpBlock2D); Rombach et al. 2022 (LDM), fig. 3.
+Module names equal diffusers' names, so a diffusers state dict loads by identity (minidiff/convert/keymaps/sd_unet.py
+also reads the original single-file checkpoints).
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from minidiff.config import from_json_dict, is_positive_int, require
+from minidiff.models.layers import (
+    ACTIVATIONS,
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    Upsample,
+    activation,
+    timestep_embedding,
+)
+from minidiff.models.transformer import Transformer2D
+
+# diffusers UNet2DConditionModel options that SD 1.x/2.x leave off, with the values that mean "off". A
+# config.json that turns one on describes a model minidiff does not implement (SDXL, unCLIP, LCM, ...).
+UNSUPPORTED = {
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "projection_class_embeddings_input_dim": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "cross_attention_norm": (None,),
+    "attention_type": ("default",),
+    "reverse_transformer_layers_per_block": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+}
+
+
+@dataclass
+class UNet2DConditionConfig:
+    """Field names and defaults are those of diffusers' UNet2DConditionModel config.json."""
+
+    sample_size: int | tuple[int, int] | None = None  # latent training size (64: 512 px); others run too
+    in_channels: int = 4  # 9 for inpainting: latents + mask + masked-image latents
+    out_channels: int = 4
+    center_input_sample: bool = False  # map the input x to 2x - 1 first
+    flip_sin_to_cos: bool = True  # SD: [cos, sin]
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # None: no mid block
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2  # ResnetBlocks per down block; up blocks have one more
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0  # the mid ResnetBlocks divide their output by this
+    dropout: float = 0.0  # in the ResnetBlocks only
+    act_fn: str = "silu"  # ResnetBlocks, the time MLP and the output
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5  # ResnetBlocks and the output norm (Transformer2D's GroupNorm is fixed at 1e-6)
+    cross_attention_dim: int = 1280  # width of the text tokens: 768 (CLIP ViT-L, SD 1.x), 1024 (OpenCLIP, SD 2.x)
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # BasicTransformerBlocks per Transformer2D
+    # NAMING BUG kept from diffusers: for this model "attention_head_dim" is the number of HEADS per block,
+    # an int or one per down block (SD 1.x: 8; SD 2.x: [5, 10, 20, 20], i.e. 64 channels per head).
+    attention_head_dim: int | tuple[int, ...] = 8
+    # The correctly named field; when given it wins over attention_head_dim. diffusers 0.42 refuses it with a
+    # ValueError (naming issue #2011), so no diffusers config.json sets it.
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    upcast_attention: bool = False  # accepted and ignored, as by diffusers' SDPA processor (transformer.py)
+    time_embedding_dim: int | None = None  # None: 4 * block_out_channels[0]
+
+    def __post_init__(self):
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("sample_size", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+        self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
+        self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
+        self._validate()
+
+    def per_block(self, name: str) -> tuple[int, ...]:
+        """An int-or-list field as one value per down block (up blocks use it reversed, the mid block [-1])."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """Attention heads per down block: num_attention_heads if given, else attention_head_dim (see above)."""
+        return self.per_block("num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim")
+
+    def _validate(self) -> None:
+        need = partial(require, self)
+
+        def ints(value: object, per_block: bool = False) -> bool:  # positive int(s), one per block if a list
+            values = value if per_block and isinstance(value, tuple) else (value,)
+            n_ok = not isinstance(value, tuple) or len(value) == len(self.block_out_channels)
+            return n_ok and all(is_positive_int(v) for v in values)
+
+        channels = self.block_out_channels
+        need(len(channels) > 0 and all(ints(c) for c in channels), f"block_out_channels must be positive ints, "
+             f"got {channels}")
+        need(len(self.down_block_types) == len(channels) == len(self.up_block_types), "down_block_types, "
+             f"block_out_channels and up_block_types must have the same length, got {len(self.down_block_types)}, "
+             f"{len(channels)}, {len(self.up_block_types)}")
+        for kind in self.down_block_types + self.up_block_types:
+            need(kind in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 f"unsupported block type {kind!r}; minidiff has (CrossAttn)DownBlock2D and (CrossAttn)UpBlock2D")
+        need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
+             f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
+        need(self.mid_block_type in ("UNetMidBlock2DCrossAttn", None),
+             f"mid_block_type must be 'UNetMidBlock2DCrossAttn' or null, got {self.mid_block_type!r}")
+        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "cross_attention_dim"):
+            need(ints(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("transformer_layers_per_block", "attention_head_dim"):
+            need(ints(getattr(self, name), per_block=True), f"{name} must be a positive int or a list of "
+                 f"{len(channels)} (one per down block), got {getattr(self, name)!r}")
+        need(self.num_attention_heads is None or ints(self.num_attention_heads, per_block=True), "num_attention_"
+             f"heads must be null, a positive int or a list of {len(channels)}, got {self.num_attention_heads!r}")
+        need(self.time_embedding_dim is None or ints(self.time_embedding_dim),
+             f"time_embedding_dim must be a positive int or null, got {self.time_embedding_dim!r}")
+        for name in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "mid_block_scale_factor"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and value > 0, f"{name} must be > 0, got {value!r}")
+        need(isinstance(self.freq_shift, (int, float)) and self.freq_shift >= 0,
+             f"freq_shift must be a number >= 0, got {self.freq_shift!r}")
+        need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+             f"dropout must be in [0, 1), got {self.dropout!r}")
+        need(self.downsample_padding in (0, 1), f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
+        need(isinstance(self.act_fn, str) and self.act_fn.lower() in ACTIVATIONS,
+             f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
+        bad = [c for c in channels if c % self.norm_num_groups]
+        need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        wide = [(c, h) for c, h in zip(channels, self.heads, strict=True) if h > c]
+        need(not wide, f"more attention heads than channels (channels, heads): {wide}; for this model "
+             "attention_head_dim is the number of heads")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNet2DConditionConfig":
+        """Build from a diffusers UNet2DConditionModel config.json dict, as it is.
+
+        Keys starting with "_" are dropped; an option in UNSUPPORTED set to anything but "off" raises a
+        ValueError naming it; other unknown keys are ignored with a warning naming them.
+        """
+        for name, off in UNSUPPORTED.items():
+            value = d.get(name, off[0])
+            values = value if isinstance(value, list | tuple) else [value]  # per-block lists: all must be off
+            if not all(v in off for v in values):
+                raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not supported (minidiff implements "
+                                 f"the SD 1.x/2.x UNet, where it is {off[0]!r})")
+        # UNSUPPORTED options are checked above; addition_embed_type_num_heads is read only with addition_embed_type
+        return from_json_dict(cls, d, ignore={*UNSUPPORTED, "addition_embed_type_num_heads"})
+
+
+def _resnet(in_channels: int, out_channels: int, temb_channels: int, cfg: UNet2DConditionConfig,
+            output_scale_factor: float = 1.0) -> ResnetBlock:
+    return ResnetBlock(in_channels, out_channels, temb_channels=temb_channels, groups=cfg.norm_num_groups,
+                       eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn, output_scale_factor=output_scale_factor)
+
+
+def _transformers(n: int, channels: int, heads: int, depth: int, cfg: UNet2DConditionConfig) -> nn.ModuleList:
+    """n Transformer2Ds with `heads` heads of channels // heads channels each (empty for n = 0)."""
+    return nn.ModuleList(
+        Transformer2D(channels, heads, channels // heads, cfg.cross_attention_dim, depth=depth,
+                      groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection)
+        for _ in range(n)
+    )
+
+
+class DownBlock(nn.Module):
+    """layers_per_block ResnetBlocks, each followed by a Transformer2D in CrossAttnDownBlock2D, then a
+    Downsample. Returns the output and the skips it pushes: every resnet(+transformer) output and the
+    downsampled map."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, cfg: UNet2DConditionConfig, *,
+                 cross_attention: bool, add_downsample: bool, heads: int, depth: int):
+        super().__init__()
+        n = cfg.layers_per_block
+        self.resnets = nn.ModuleList(
+            _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg) for i in range(n)
+        )
+        self.attentions = _transformers(n if cross_attention else 0, out_channels, heads, depth, cfg)
+        # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
+        self.downsamplers = nn.ModuleList(
+            [Downsample(out_channels, padding=cfg.downsample_padding)] if add_downsample else []
+        )
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions:
+                h = self.attentions[i](h, context)
+            skips.append(h)
+        for downsample in self.downsamplers:
+            h = downsample(h)
+            skips.append(h)
+        return h, skips
+
+
+class UpBlock(nn.Module):
+    """layers_per_block + 1 ResnetBlocks, each eating one skip (concatenated on channels) and followed by a
+    Transformer2D in CrossAttnUpBlock2D; then an Upsample to the size of the next skip."""
+
+    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int,
+                 cfg: UNet2DConditionConfig, *, cross_attention: bool, add_upsample: bool, heads: int, depth: int):
+        super().__init__()
+        n = cfg.layers_per_block + 1
+        self.resnets = nn.ModuleList()
+        for i in range(n):
+            h_channels = prev_channels if i == 0 else out_channels
+            skip_channels = in_channels if i == n - 1 else out_channels
+            self.resnets.append(_resnet(h_channels + skip_channels, out_channels, temb_channels, cfg))
+        self.attentions = _transformers(n if cross_attention else 0, out_channels, heads, depth, cfg)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)
+            if self.attentions:
+                h = self.attentions[i](h, context)
+        for upsample in self.upsamplers:
+            h = upsample(h, upsample_size)
+        return h
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock, Transformer2D, ResnetBlock at the lowest resolution (UNetMidBlock2DCrossAttn)."""
+
+    def __init__(self, channels: int, temb_channels: int, cfg: UNet2DConditionConfig, *, heads: int, depth: int):
+        super().__init__()
+        scale = cfg.mid_block_scale_factor  # scales the resnets only, not the transformer
+        self.resnets = nn.ModuleList(_resnet(channels, channels, temb_channels, cfg, scale) for _ in range(2))
+        self.attentions = _transformers(1, channels, heads, depth, cfg)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.resnets[0](h, emb)
+        h = self.attentions[0](h, context)
+        return self.resnets[1](h, emb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """diffusers' UNet2DConditionModel for SD 1.x/2.x: predicts noise (or v) from noisy latents, a timestep
+    and the text encoder's hidden states."""
+
+    def __init__(self, config: UNet2DConditionConfig):
+        super().__init__()
+        self.config = cfg = config
+        channels, heads, depth = cfg.block_out_channels, cfg.heads, cfg.per_block("transformer_layers_per_block")
+        temb_dim = cfg.time_embedding_dim or 4 * channels[0]
+        n = len(channels)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_dim, act=cfg.act_fn)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(channels[max(i - 1, 0)], channels[i], temb_dim, cfg, add_downsample=i < n - 1,
+                      cross_attention=kind == "CrossAttnDownBlock2D", heads=heads[i], depth=depth[i])
+            for i, kind in enumerate(cfg.down_block_types)
+        )
+        self.mid_block = (
+            MidBlock(channels[-1], temb_dim, cfg, heads=heads[-1], depth=depth[-1]) if cfg.mid_block_type else None
+        )
+        # The up path mirrors the down path: channels, heads and depths reversed.
+        rev, rev_heads, rev_depth = channels[::-1], heads[::-1], depth[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb_dim, cfg, add_upsample=i < n - 1,
+                    cross_attention=kind == "CrossAttnUpBlock2D", heads=rev_heads[i], depth=rev_depth[i])
+            for i, kind in enumerate(cfg.up_block_types)
+        )
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_act = activation(cfg.act_fn)
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample (B, in_channels, h, w), timestep (a number, a 0-d or (B,) tensor), encoder_hidden_states
+        (B, L, cross_attention_dim) -> the prediction (B, out_channels, h, w), a plain tensor (diffusers
+        returns it as `.sample`)."""
+        cfg = self.config
+        B = sample.shape[0]
+        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+            hint = " (inpainting: latents, mask, masked-image latents)" if cfg.in_channels == 9 else ""
+            raise ValueError(f"sample has shape {tuple(sample.shape)}; this UNet takes (B, {cfg.in_channels}, h, w)"
+                             + hint)
+        context = encoder_hidden_states
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.cross_attention_dim:
+            raise ValueError(f"encoder_hidden_states has shape {tuple(context.shape)}; this UNet takes "
+                             f"({B}, tokens, {cfg.cross_attention_dim}): one text encoding per sample")
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # Time: fractional timesteps stay fractional (diffusers' get_time_embed: float -> float64 -> float32,
+        # which rounds as float -> float32 does here); the embedding is computed in float32.
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() not in (1, B):
+            raise ValueError(f"got {t.numel()} timesteps for a batch of {B}; pass one or one each")
+        t_emb = timestep_embedding(t.expand(B), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, temb_dim)
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, context)
+            skips += block_skips
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size: 2x when h, w are multiples of 2**(levels-1) (then identical
+            # to diffusers' scale_factor=2), else it realigns odd sizes (diffusers' forward_upsample_size).
+            h = block(h, block_skips, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))

@@ -1,0 +1,1 @@
+"""Sampling: the pixel and Stable Diffusion loops, loss and CLIP guidance."""

@@ -1,0 +1,293 @@
+"""Stable Diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"):
+text-to-image, image-to-image and inpainting, with classifier-free guidance and negative prompts.
+
+Unit 3 of the course, in four moves:
+1. text -> embeddings: CLIP's tokenizer and text transformer turn the prompt (and the negative prompt, or "")
+   into (77, D) embeddings the UNet cross-attends to;
+2. images <-> latents: the VAE encoder maps a 3x512x512 image to 4x64x64 latents (x scaling_factor), and the
+   decoder maps latents back;
+3. the denoising loop, in latent space: at each t the UNet runs on [x_t, x_t] with [negative, positive]
+   embeddings, and classifier-free guidance (Ho & Salimans 2022, eq. 6) extrapolates
+   eps = eps_uncond + g (eps_text - eps_uncond) before the scheduler step;
+4. the three modes differ only in where the loop starts: pure noise (txt2img), the image's latents noised to
+   the strength's timestep (img2img), or noise with a mask and the masked image as extra UNet input channels
+   (inpainting UNet), or blended back after every step (any UNet, as the course does).
+
+Every random draw happens in the same order, shape and generator as in diffusers 0.42's StableDiffusionPipeline,
+StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline, so a seed gives the same image
+(tests/test_stable_diffusion.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from minidiff.images import to_pil
+from minidiff.noise import Generator, randn_tensor
+from minidiff.pipelines.guidance import classifier_free_guidance
+from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+
+Prompt = str | list[str]
+
+
+def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Lin et al. 2024, sec. 3.4 (eq. 15-16): rescale the guided prediction to the text prediction's standard
+    deviation (per sample, unbiased std as diffusers computes it), blended by `guidance_rescale`."""
+    dims = list(range(1, noise_text.ndim))
+    rescaled = noise_cfg * (noise_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def preprocess_image(image: Image.Image | torch.Tensor, height: int | None = None, width: int | None = None,
+                     mask: bool = False, multiple: int = 8) -> torch.Tensor:
+    """A PIL image -> (1, C, H, W) float32, as diffusers' VaeImageProcessor does: size floored to a multiple of
+    `multiple` (the VAE's scale factor, 8 in SD) or the given height/width, LANCZOS resize, [0, 1] -> [-1, 1]. For a
+    mask: greyscale, kept in [0, 1] and binarised at 0.5. A tensor is taken as it is ((B, 3, H, W) in [-1, 1], or a
+    (B, 1, H, W) mask in [0, 1])."""
+    if isinstance(image, torch.Tensor):
+        return image if image.ndim == 4 else image[None]
+    width = width or image.width - image.width % multiple
+    height = height or image.height - image.height % multiple
+    image = image.resize((width, height), resample=Image.LANCZOS).convert("L" if mask else "RGB")
+    array = np.array(image).astype(np.float32) / 255.0
+    array = array[:, :, None] if mask else array
+    # (H, W, C) -> (1, H, W, C) -> (1, C, H, W), a channels-last view with diffusers' strides: convolutions pick
+    # their kernel by the memory layout, so another layout of the same values moves the VAE's output by ~1e-6
+    tensor = torch.from_numpy(array[None].transpose(0, 3, 1, 2))
+    return (tensor >= 0.5).float() if mask else 2.0 * tensor - 1.0
+
+
+@dataclass
+class Run:
+    """Everything a prepared sampling run carries into the denoising loop."""
+
+    latents: torch.Tensor  # x_T, or the noised image latents (img2img)
+    timesteps: torch.Tensor  # the timesteps this run visits
+    embeddings: torch.Tensor  # (2B, L, D) [negative; positive] with CFG, else (B, L, D)
+    guidance_scale: float
+    do_cfg: bool
+    mask: torch.Tensor | None = None  # inpainting: (B, 1, h, w) latent-size mask, 1 = repaint
+    masked_image_latents: torch.Tensor | None = None  # inpainting UNet input (9-channel UNets)
+    image_latents: torch.Tensor | None = None  # blended inpainting (4-channel UNets)
+    noise: torch.Tensor | None = None  # blended inpainting: the noise used to re-noise image_latents
+
+
+class StableDiffusion:
+    """A loaded Stable Diffusion model. Call it with diffusers' argument names:
+    `sd(prompt, negative_prompt=..., num_inference_steps=50, guidance_scale=7.5, generator=..., image=...,
+    strength=..., mask_image=...)` -> list of PIL images."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler: Scheduler):
+        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
+            unet, vae, text_encoder, tokenizer, scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD
+
+    # 1. Text -> embeddings --------------------------------------------------------------------------------------
+
+    def _embed(self, texts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """(B, 77, D) text embeddings; with clip_skip = k, the final layer norm of the k-th layer from the end."""
+        max_length = self.tokenizer.model_max_length
+        for text in texts:
+            if len(self.tokenizer.encode(text)) + 2 > max_length:
+                warnings.warn(f"prompt truncated to CLIP's {max_length} tokens: {text[:60]!r}...", stacklevel=3)
+        ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+        device = next(self.text_encoder.parameters()).device
+        if clip_skip is None:
+            return self.text_encoder(ids.to(device)).last_hidden_state
+        out = self.text_encoder(ids.to(device), output_hidden_states=True)
+        return self.text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
+                      do_cfg: bool, clip_skip: int | None = None) -> torch.Tensor:
+        """[negative; positive] embeddings, each repeated num_images_per_prompt times per prompt (interleaved as
+        diffusers does). clip_skip applies to the positive prompt only, as in diffusers."""
+        dtype = next(self.text_encoder.parameters()).dtype
+
+        def repeat(embeds: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B * n, L, D), each prompt n times
+            B, L, D = embeds.shape
+            return embeds.to(dtype).repeat(1, num_images_per_prompt, 1).view(B * num_images_per_prompt, L, D)
+
+        positive = repeat(self._embed(prompt, clip_skip))
+        if not do_cfg:
+            return positive
+        negative = repeat(self._embed(negative_prompt or [""] * len(prompt)))
+        return torch.cat([negative, positive])
+
+    # 2. Images <-> latents --------------------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> latents sampled from the VAE posterior, times scaling_factor.
+        With a list of generators each image uses its own (diffusers' order)."""
+        if isinstance(generator, list):
+            latents = torch.cat([self.vae.encode(images[i : i + 1]).sample(generator[i]) for i in range(len(images))])
+        else:
+            latents = self.vae.encode(images).sample(generator)
+        return self.vae.config.scaling_factor * latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> (B, 3, H, W) images in [-1, 1] (unclamped)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor)
+
+    # 3. The denoising loop ----------------------------------------------------------------------------------------
+
+    def denoise(self, run: Run, guidance_rescale: float = 0.0, eta: float = 0.0,
+                generator: Generator = None) -> Iterator[torch.Tensor]:
+        """Yield the latents after every scheduler step."""
+        scheduler, latents = self.scheduler, run.latents
+        step_kwargs = {}
+        if isinstance(scheduler, DDIMScheduler | DDPMScheduler):  # stochastic steps take the generator
+            step_kwargs["generator"] = generator
+        if isinstance(scheduler, DDIMScheduler):
+            step_kwargs["eta"] = eta
+        for i, t in enumerate(run.timesteps):
+            model_input = torch.cat([latents] * 2) if run.do_cfg else latents  # one batch: [uncond, cond]
+            model_input = scheduler.scale_model_input(model_input, t)
+            if run.masked_image_latents is not None:  # inpainting UNet: 4 + 1 + 4 input channels
+                mask = torch.cat([run.mask] * 2) if run.do_cfg else run.mask
+                masked = torch.cat([run.masked_image_latents] * 2) if run.do_cfg else run.masked_image_latents
+                model_input = torch.cat([model_input, mask, masked], dim=1)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings)
+            if run.do_cfg:  # classifier-free guidance
+                noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
+                if guidance_rescale > 0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if run.image_latents is not None:  # blended inpainting: keep the known region at the next noise level
+                known = run.image_latents
+                if i < len(run.timesteps) - 1:
+                    known = scheduler.add_noise(known, run.noise, torch.tensor([run.timesteps[i + 1]]))
+                latents = (1 - run.mask) * known + run.mask * latents
+            yield latents
+
+    # 4. The three modes ------------------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        prompt: Prompt,
+        negative_prompt: Prompt | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        image: Image.Image | torch.Tensor | None = None,
+        mask_image: Image.Image | torch.Tensor | None = None,
+        strength: float | None = None,
+        clip_skip: int | None = None,
+    ) -> Run:
+        """Encode the prompts, set the timesteps and draw the starting latents for txt2img (no image),
+        img2img (image, strength default 0.8) or inpainting (image and mask_image, strength default 1.0)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt
+        if isinstance(negative_prompt, str):  # one negative prompt for every prompt
+            negatives = [negative_prompt] * len(prompts)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        if mask_image is not None and image is None:
+            raise ValueError("inpainting needs the image as well as mask_image")
+        mode = "txt2img" if image is None else ("inpaint" if mask_image is not None else "img2img")
+        strength = (0.8 if mode == "img2img" else 1.0) if strength is None else strength
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        batch = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image")
+
+        if mode != "img2img":
+            default = self.unet.config.sample_size * self.vae_scale_factor
+            height, width = height or default, width or default
+        if (height and height % 8) or (width and width % 8):
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if mode == "img2img":  # default size: the image's, floored to a multiple of vae_scale_factor as in diffusers
+            init_image = preprocess_image(image, height, width, multiple=self.vae_scale_factor)
+            height, width = init_image.shape[-2:]
+
+        do_cfg = guidance_scale > 1.0  # at g = 1 the negative pass would not change anything
+        embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, clip_skip)
+        dtype, device = embeddings.dtype, embeddings.device
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        if mode != "txt2img":  # start part-way: skip the first (1 - strength) of the steps
+            t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps = timesteps[t_start * self.scheduler.order :]
+            if len(timesteps) == 0:
+                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
+        f = self.vae_scale_factor
+        shape = (batch, self.vae.config.latent_channels, height // f, width // f)
+        run = Run(latents=latents, timesteps=timesteps, embeddings=embeddings, guidance_scale=guidance_scale,
+                  do_cfg=do_cfg)
+
+        if mode == "txt2img":
+            if latents is None:
+                run.latents = randn_tensor(shape, generator, device=device, dtype=dtype)
+            run.latents = run.latents.to(device) * self.scheduler.init_noise_sigma
+        elif mode == "img2img":
+            if isinstance(generator, list):  # one copy of the image per generator, as diffusers does
+                init_image = torch.cat([init_image] * (batch // len(init_image)))
+            image_latents = self.encode_images(init_image.to(device, dtype), generator)  # RNG: posterior first
+            image_latents = torch.cat([image_latents] * (batch // len(image_latents)))
+            noise = randn_tensor(image_latents.shape, generator, device=device, dtype=dtype)  # then the noise
+            run.latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        else:
+            self._prepare_inpaint(run, image, mask_image, shape, strength, generator, height, width)
+        return run
+
+    def _prepare_inpaint(self, run: Run, image, mask_image, shape, strength, generator, height, width) -> None:
+        """Inpainting's starting latents, mask and masked-image latents, in diffusers' RNG order."""
+        dtype, device = run.embeddings.dtype, run.embeddings.device
+        batch = shape[0]
+        init_image = preprocess_image(image, height, width).to(device, dtype)
+        blended = self.unet.config.in_channels == 4  # a normal UNet: blend the known region back every step
+        if self.unet.config.in_channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, not {self.unet.config.in_channels}")
+        image_latents = None
+        if blended or (run.latents is None and strength < 1.0):  # RNG: the image posterior before the noise
+            image_latents = self.encode_images(init_image, generator)
+            image_latents = image_latents.repeat(batch // len(image_latents), 1, 1, 1)
+        user_latents = run.latents is not None  # they replace the noise, and nothing is drawn
+        noise = run.latents.to(device) if user_latents else randn_tensor(shape, generator, device=device, dtype=dtype)
+        if user_latents or strength == 1.0:
+            run.latents = noise * self.scheduler.init_noise_sigma
+        else:
+            run.latents = self.scheduler.add_noise(image_latents, noise, run.timesteps[:1].repeat(batch))
+
+        mask = preprocess_image(mask_image, height, width, mask=True)
+        masked_image = init_image * (mask.to(device, dtype) < 0.5)  # the region to keep, the rest grey
+        mask = nn.functional.interpolate(mask, size=shape[-2:]).to(device, dtype)  # nearest, to latent size
+        run.mask = mask.repeat(batch // len(mask), 1, 1, 1)
+        # RNG: the masked image's posterior after the noise. diffusers samples it for 4-channel UNets too, unused;
+        # so does minidiff, so that the draws after it (DDPM, DDIM with eta > 0) are the same
+        masked_latents = self.encode_images(masked_image, generator)
+        if blended:
+            run.image_latents, run.noise = image_latents, noise
+        else:
+            run.masked_image_latents = masked_latents.repeat(batch // len(masked_latents), 1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generator = None,
+                 latents: torch.Tensor | None = None, image=None, mask_image=None, strength: float | None = None,
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, output_type: str = "pil"):
+        """Generate images. output_type: "pil" (list of PIL images), "pt" ((B, 3, H, W) in [0, 1]) or "latent"."""
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        run = self.prepare(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                           num_images_per_prompt, generator, latents, image, mask_image, strength, clip_skip)
+        latents = run.latents
+        for step_latents in self.denoise(run, guidance_rescale, eta, generator):
+            latents = step_latents
+        if output_type == "latent":
+            return latents
+        images = self.decode_latents(latents)
+        return to_pil(images) if output_type == "pil" else (images / 2 + 0.5).clamp(0, 1)

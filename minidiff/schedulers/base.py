@@ -1,0 +1,249 @@
+"""The noise schedule that every sampler shares, and what the network's output says about x_0.
+
+Read top to bottom, this file follows the papers:
+1. the forward process: a variance schedule beta_t and q(x_t | x_0)    Ho et al. 2020 ("DDPM"), eq. 4
+2. what the network predicts: the noise eps, x_0 itself, or v          DDPM eq. 15; Salimans & Ho 2022 ("v")
+
+The samplers build on it, one file each: ddpm.py (the posterior q(x_{t-1} | x_t, x_0), DDPM eq. 6-7), ddim.py
+(Song et al. 2021, eq. 12 and 16), pndm.py (Liu et al. 2022). The names and arguments are diffusers'
+(`set_timesteps`, `timesteps`, `add_noise`, `step(...).prev_sample`, `from_config`), so course notebook code
+ports by changing the import, and the numbers are diffusers 0.42's (tests/test_schedulers.py compares them over
+the full grid of options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minidiff.config import from_json_dict
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+# Keys that other diffusers schedulers write into scheduler_config.json (SD ships a PNDM config, for instance).
+# Building a DDPM or DDIM scheduler from such a file ignores them silently, as diffusers does.
+OTHER_SCHEDULER_KEYS = {
+    "skip_prk_steps", "set_alpha_to_one", "variance_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type",
+    "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "lambda_min_clipped",
+    "use_lu_lambdas", "use_flow_sigmas", "flow_shift", "predict_x0", "solver_p", "disable_corrector",
+    "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "rescale_betas_zero_snr",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The forward process
+
+
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2) with s = 0.008,
+    and beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), capped at `max_beta` to avoid a singularity at t = T."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 (pure noise at
+    t = T, signal-to-noise ratio zero) while alpha_bar_1 is unchanged."""
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar -= last
+    sqrt_alpha_bar *= first / (first - last)
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+@dataclass
+class ScheduleConfig:
+    """The fields every diffusers scheduler_config.json shares, with diffusers' defaults."""
+
+    num_train_timesteps: int = 1000  # T, the length of the forward process
+    beta_start: float = 0.0001  # beta_1 (linear schedules)
+    beta_end: float = 0.02  # beta_T (linear schedules)
+    beta_schedule: str = "linear"  # one of BETA_SCHEDULES; "scaled_linear" is Stable Diffusion's
+    trained_betas: list[float] | None = None  # an explicit beta_1..beta_T, overriding the schedule
+    prediction_type: str = "epsilon"  # what the network outputs: one of PREDICTION_TYPES
+    timestep_spacing: str = "leading"  # how N sampling steps are picked from T: one of TIMESTEP_SPACINGS
+    steps_offset: int = 0  # added to every "leading" timestep (Stable Diffusion uses 1)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "bool":
+                ok = isinstance(value, bool)
+            elif field.type == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif field.type == "float":
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            elif field.type == "str":
+                ok = isinstance(value, str)
+            else:  # trained_betas
+                sequence = isinstance(value, list | tuple | np.ndarray | torch.Tensor)
+                ok = value is None or (sequence and len(value) == self.num_train_timesteps)
+            if not ok:
+                raise ValueError(f"{name}: {field.name}={value!r} has the wrong type or length")
+        choices = {"beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
+                   "timestep_spacing": TIMESTEP_SPACINGS, "variance_type": VARIANCE_TYPES}
+        for key, allowed in choices.items():
+            if hasattr(self, key) and getattr(self, key) not in allowed:
+                raise ValueError(f"{name}: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.num_train_timesteps < 1 or self.steps_offset < 0:
+            raise ValueError(f"{name}: num_train_timesteps must be >= 1 and steps_offset >= 0")
+        linear = self.beta_schedule in ("linear", "scaled_linear") and self.trained_betas is None
+        if linear and not (0 < self.beta_start <= self.beta_end < 1):
+            raise ValueError(f"{name}: need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+
+@dataclass
+class SchedulerConfig(ScheduleConfig):
+    """A DDPM/DDIM scheduler_config.json: the shared fields plus what to do with the predicted x_0."""
+
+    clip_sample: bool = True  # clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # dynamic thresholding of x_0 (replaces clip_sample when on)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.dynamic_thresholding_ratio <= 1) or self.clip_sample_range <= 0 or self.sample_max_value <= 0:
+            raise ValueError(f"{type(self).__name__}: need 0 < dynamic_thresholding_ratio <= 1, clip_sample_range > 0 "
+                             "and sample_max_value > 0")
+
+
+def make_betas(config: ScheduleConfig) -> torch.Tensor:
+    """beta_1..beta_T in float32, computed exactly as diffusers does (torch linspace, not numpy)."""
+    T = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+    elif config.beta_schedule == "linear":  # DDPM sec. 4: 1e-4 to 0.02
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":  # latent diffusion: linear in sqrt(beta)
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+    else:
+        betas = cosine_betas(T)
+    return rescale_zero_terminal_snr(betas) if getattr(config, "rescale_betas_zero_snr", False) else betas
+
+
+def spaced_timesteps(config: ScheduleConfig, num_inference_steps: int) -> torch.Tensor:
+    """The N of the T training steps that a sampler visits, in descending order (int64).
+    leading: 0, T//N, 2T//N, ... (+ steps_offset); trailing: T-1 downwards in strides of T/N;
+    linspace: N evenly spaced points of [0, T-1], rounded (Lin et al. 2024, Table 2 compares them)."""
+    T, N = config.num_train_timesteps, num_inference_steps
+    if config.timestep_spacing == "linspace":
+        steps = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
+    elif config.timestep_spacing == "leading":
+        steps = (np.arange(0, N) * (T // N))[::-1].astype(np.int64) + config.steps_offset
+    else:
+        steps = np.round(np.arange(T, 0, -T / N)).astype(np.int64) - 1
+    if steps[0] >= T:  # diffusers would fail later with an IndexError inside step()
+        raise ValueError(f"{N} leading steps with steps_offset={config.steps_offset} reach t={steps[0]}, past the "
+                         f"last training step {T - 1}: use fewer steps or timestep_spacing='trailing'")
+    return torch.from_numpy(steps.copy())
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Saharia et al. 2022 (Imagen), sec. 2.3: per sample, s = the `ratio` quantile of |x_0| (at least 1, at
+    most `max_value`); clamp x_0 to [-s, s] and divide by s, so saturated pixels are pushed inwards."""
+    dtype, shape = x0.dtype, x0.shape
+    flat = x0.reshape(shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile is not implemented for half precision
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
+
+
+@dataclass
+class SchedulerOutput:
+    prev_sample: torch.Tensor  # x_{t-1}
+    pred_original_sample: torch.Tensor  # the x_0 predicted at this step (after clipping or thresholding)
+
+
+class Scheduler:
+    """What DDPM and DDIM share: the schedule, q(x_t | x_0), the choice of timesteps, and x_0 from the output."""
+
+    config_class: type[ScheduleConfig] = SchedulerConfig
+    order = 1  # model evaluations per step
+    init_noise_sigma = 1.0  # x_T ~ N(0, I): the initial noise needs no scaling
+
+    def __init__(self, **config) -> None:
+        self.config = self.config_class(**config)
+        self.betas = make_betas(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, DDPM eq. 4
+        self.one = torch.tensor(1.0)  # alpha_bar_0: no noise at all
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
+
+    @classmethod
+    def from_config(cls, config: dict | ScheduleConfig):
+        """Build from a diffusers scheduler_config.json dict as it is (or another scheduler's `.config`).
+        Keys starting with "_" are metadata and keys of other diffusers schedulers do not apply here: both are
+        dropped silently. Any other unknown key is ignored with a warning; invalid values raise ValueError."""
+        if isinstance(config, ScheduleConfig):
+            config = dataclasses.asdict(config)
+        return cls(**dataclasses.asdict(from_json_dict(cls.config_class, config, ignore=OTHER_SCHEDULER_KEYS)))
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """DDPM and DDIM feed x_t to the network unscaled (samplers in sigma space do not)."""
+        return sample
+
+    def _check_num_inference_steps(self, num_inference_steps: int) -> None:
+        T = self.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
+            1 <= num_inference_steps <= T
+        ):
+            raise ValueError(f"num_inference_steps must be an integer from 1 to {T}, got {num_inference_steps!r}")
+
+    def _alpha_bar(self, timesteps: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at `timesteps`, shaped (B, 1, 1, ...) to broadcast against `like`."""
+        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        alpha_bar = alphas_cumprod[torch.as_tensor(timesteps, device=like.device)].flatten()
+        return alpha_bar.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | int):
+        """Sample q(x_t | x_0), DDPM eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        alpha_bar = self._alpha_bar(timesteps, original_samples)
+        return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | int):
+        """The v-prediction target, Salimans & Ho 2022 sec. 4: v = sqrt(alpha_bar_t) eps - sqrt(1-alpha_bar_t) x_0."""
+        alpha_bar = self._alpha_bar(timesteps, sample)
+        return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * sample
+
+    # -----------------------------------------------------------------------------------------------------------
+    # 2. What the network predicts
+
+    def predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """x_0 from the network output at x_t, by inverting eq. 4 for each parameterisation, then clipped
+        (or dynamically thresholded) as the config says."""
+        if self.config.prediction_type == "epsilon":  # DDPM eq. 15
+            x0 = (sample - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
+        elif self.config.prediction_type == "sample":
+            x0 = model_output
+        else:  # v_prediction: x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
+            x0 = alpha_bar**0.5 * sample - (1 - alpha_bar) ** 0.5 * model_output
+        if getattr(self.config, "thresholding", False):
+            return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        if getattr(self.config, "clip_sample", False):
+            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0
