@@ -229,6 +229,12 @@ def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:
     return tokenizer
 
 
+def scheduler_json(scheduler: Scheduler) -> dict:
+    """A scheduler's config as diffusers saves it: every key, "_class_name" its class, no "_use_default_values"."""
+    saved = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    return {**saved, "_class_name": type(scheduler).__name__}
+
+
 def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: str = "",
                           dtype: torch.dtype | None = None, scheduler_config: dict | None = None) -> None:
     """Write a loaded (or trained) StableDiffusion as a model folder that load_stable_diffusion reads back: its
@@ -250,8 +256,7 @@ def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: 
     config = {"kind": "stable-diffusion", "source": source,
               **{name: {"class": type(m).__name__, "config": to_json_dict(m.config)} for name, m in modules.items()},
               "tokenizer": section,
-              "scheduler": scheduler_config or {"_class_name": type(sd.scheduler).__name__,
-                                                **to_json_dict(sd.scheduler.config)}}
+              "scheduler": scheduler_config or scheduler_json(sd.scheduler)}
     save_model_folder(path, config, {name: m.state_dict() for name, m in modules.items()}, dtype, files)
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from minidiff.config import from_json_dict
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -28,7 +27,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 # Keys that other diffusers schedulers write into scheduler_config.json (SD ships a PNDM config, for instance).
-# Building a DDPM or DDIM scheduler from such a file ignores them silently, as diffusers does.
+# A scheduler keeps them in its .config without using them, silently, as diffusers does, so that the next swap
+# (DDIMScheduler.from_config(pndm.config)) still finds them.
 OTHER_SCHEDULER_KEYS = {
     "skip_prk_steps", "set_alpha_to_one", "variance_type", "use_karras_sigmas", "use_exponential_sigmas",
     "use_beta_sigmas", "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type",
@@ -37,6 +37,24 @@ OTHER_SCHEDULER_KEYS = {
     "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
     "rescale_betas_zero_snr",
 }
+
+
+class FrozenConfig(dict):
+    """A scheduler's whole config, read as a dict or by attribute (config["clip_sample"], config.clip_sample):
+    its own settings, every other key it was built from (other schedulers' included, kept verbatim), and
+    "_use_default_values", the settings it was not given, which the next from_config leaves to its own defaults.
+    Frozen: a change is a new scheduler, Scheduler.from_config(config, **changes)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("a scheduler's config is frozen: build a new one with from_config(config, **changes)")
+
+    __setattr__ = __setitem__ = __delitem__ = update = pop = setdefault = _frozen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,8 +201,10 @@ class Scheduler:
     init_noise_sigma = 1.0  # x_T ~ N(0, I): the initial noise needs no scaling
 
     def __init__(self, **config) -> None:
-        self.config = self.config_class(**config)
-        self.betas = make_betas(self.config)
+        self.settings = self.config_class(**config)  # this scheduler's own settings, validated
+        defaults = sorted(field.name for field in dataclasses.fields(self.settings) if field.name not in config)
+        self.config = FrozenConfig(dataclasses.asdict(self.settings), _use_default_values=defaults)
+        self.betas = make_betas(self.settings)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha_bar_t, DDPM eq. 4
         self.one = torch.tensor(1.0)  # alpha_bar_0: no noise at all
@@ -192,13 +212,27 @@ class Scheduler:
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
 
     @classmethod
-    def from_config(cls, config: dict | ScheduleConfig):
-        """Build from a diffusers scheduler_config.json dict as it is (or another scheduler's `.config`).
-        Keys starting with "_" are metadata and keys of other diffusers schedulers do not apply here: both are
-        dropped silently. Any other unknown key is ignored with a warning; invalid values raise ValueError."""
-        if isinstance(config, ScheduleConfig):
-            config = dataclasses.asdict(config)
-        return cls(**dataclasses.asdict(from_json_dict(cls.config_class, config, ignore=OTHER_SCHEDULER_KEYS)))
+    def from_config(cls, config: dict, **overrides):
+        """Build from a diffusers scheduler_config.json dict as it is, or from another scheduler's `.config`
+        (the course's swap: DDIMScheduler.from_config(pipe.scheduler.config)), as diffusers does:
+        - this scheduler's settings come from `overrides`, else from `config`, else its defaults; a setting the
+          other scheduler had only by default ("_use_default_values") takes this one's default;
+        - every other key is kept in .config as it is ("_class_name" renamed to this class), unused; an unknown
+          key that no diffusers scheduler writes draws a warning. Invalid values raise ValueError."""
+        defaults = set(config.get("_use_default_values", ()))
+        config = {k: v for k, v in config.items() if k not in defaults and k != "_use_default_values"}
+        own = {field.name for field in dataclasses.fields(cls.config_class)}
+        settings = {k: v for k, v in {**config, **overrides}.items() if k in own}
+        kept = {k: v for k, v in config.items() if k not in own}
+        unknown = sorted(k for k in {**kept, **overrides} if k not in own and not k.startswith("_")
+                         and k not in OTHER_SCHEDULER_KEYS)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=2)
+        if "_class_name" in kept:
+            kept["_class_name"] = cls.__name__
+        scheduler = cls(**settings)
+        dict.update(scheduler.config, kept)  # the frozen dict's one write, while it is being built
+        return scheduler
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -242,8 +276,8 @@ class Scheduler:
             x0 = model_output
         else:  # v_prediction: x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
             x0 = alpha_bar**0.5 * sample - (1 - alpha_bar) ** 0.5 * model_output
-        if getattr(self.config, "thresholding", False):
+        if getattr(self.settings, "thresholding", False):  # DDPM and DDIM have these settings, PNDM not
             return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        if getattr(self.config, "clip_sample", False):
+        if getattr(self.settings, "clip_sample", False):
             return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0
