@@ -12,7 +12,7 @@ from minidiff.models.class_conditioned import ClassConditionedConfig, ClassCondi
 from minidiff.models.unet import UNet2DConfig
 from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE, PixelPipeline
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
-from minidiff.training.pixel import PixelDenoiser
+from minidiff.training.pixel import PixelDenoisingLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNet2DConfig(sample_size=8, in_channels=5, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
@@ -78,7 +78,7 @@ def test_label_dropout_replaces_that_fraction_of_labels():
     batch = {"images": torch.zeros(400, 1, 8, 8), "class_labels": torch.full((400,), 1)}
     generators = [torch.Generator().manual_seed(i) for i in range(400)]
     for p, low, high in ((0.0, 0, 0), (0.25, 70, 130)):
-        PixelDenoiser(Spy(), DDPMScheduler.from_config(SCHEDULE), p)(batch, generators)
+        PixelDenoisingLoss(Spy(), DDPMScheduler.from_config(SCHEDULE), p)(batch, generators)
         dropped = int((seen[-1] == 3).sum())
         assert low <= dropped <= high and set(seen[-1].tolist()) <= {1, 3}
 

@@ -29,6 +29,7 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
 )
 from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+from helpers import max_diff
 from PIL import Image
 from torch import nn
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -122,10 +123,6 @@ def converted(ref_class, ref_config, seed: int = 0):
     config = config_from(getattr(clip, type(ref_config).__name__), ref)
     ours_class = getattr(clip, ref_class.__name__)
     return ref, minidiff_model(ours_class, config, clip_from_transformers(ref.state_dict(), ours_class, config)), config
-
-
-def max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
 
 
 def token_ids(length: int, rows: int = 3, seed: int = 0) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 from diffusers import UNet2DModel as DiffusersUNet2DModel
+from helpers import seeded
 
 from minidiff.convert.keymaps.unet import unet2d_from_diffusers
 from minidiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, _normalize, preprocess_tensor
@@ -41,10 +42,6 @@ TINY_UNET = dict(
     sample_size=16, block_out_channels=(32, 64), norm_num_groups=8,
     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
 )  # fmt: skip
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from helpers import max_diff
 from test_clip import TINY_TEXT, TINY_VISION, reference, to_open_clip
 from test_convert_sd import fails, hub_tokenizer
 from test_tokenizer import REFERENCE_CONFIGS
@@ -27,10 +28,6 @@ PROMPTS = ["a photo of a cat", "a dog"]
 
 def pixels(seed: int = 3) -> torch.Tensor:
     return torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 CLASSES = {

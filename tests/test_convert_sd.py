@@ -30,6 +30,7 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
     infer_diffusers_model_type,
 )
+from helpers import assert_same_tensors
 from safetensors import safe_open
 from test_clip import to_open_clip
 from test_tokenizer import REFERENCE_CONFIGS
@@ -109,11 +110,6 @@ def tiny_pipeline(tmp: Path, unet: dict = TINY_UNET, text: dict = TINY_CLIP_TEXT
 
 def state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     return {name: getattr(pipe, name).state_dict() for name in ("unet", "vae", "text_encoder")}
-
-
-def assert_same_tensors(got: dict, expected: dict) -> None:
-    assert sorted(got) == sorted(expected)
-    assert all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel
 from diffusers import UNet2DModel as DiffusersUNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from helpers import seeded
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -45,10 +46,6 @@ CELEBAHQ_256 = dict(
     up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
     attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
 )  # fmt: skip
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def diffusers_unet(seed: int = 0, **options) -> DiffusersUNet2DModel:

@@ -6,21 +6,9 @@ import random
 
 import pytest
 import torch
+from helpers import assert_same_tensors
 
 from minidiff.loading.safetensors import DTYPES, SafetensorsError, SafetensorsFile, load_file, save_file
-
-
-def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor, so NaN payloads and -0.0 compare exactly."""
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-def assert_same_tensors(got: dict, expected: dict) -> None:
-    assert sorted(got) == sorted(expected)
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert got[name].shape == tensor.shape, name
-        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
 
 
 def random_tensor(gen: torch.Generator, dtype: torch.dtype, shape: tuple) -> torch.Tensor:

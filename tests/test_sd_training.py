@@ -24,7 +24,7 @@ from minidiff.loading.safetensors import load_file
 from minidiff.loading.textual_inversion import load_textual_inversion_into
 from minidiff.training import loop as training
 from minidiff.training.checkpoint import load_checkpoint
-from minidiff.training.personalize import LatentDenoiser, generate_class_images, load_sd_model
+from minidiff.training.personalize import LatentDenoisingLoss, generate_class_images, load_sd_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_prior_loss_is_instance_plus_weighted_class_loss(root):
         batch = {"images": images[:2], "input_ids": ids[[0, 0]], "class_images": class_images,
                  "class_input_ids": ids[[1, 1]]}  # fmt: skip
         with torch.no_grad():
-            return LatentDenoiser(model, weight)(batch, [torch.Generator().manual_seed(s) for s in (3, 4)]).item()
+            return LatentDenoisingLoss(model, weight)(batch, [torch.Generator().manual_seed(s) for s in (3, 4)]).item()
 
     instance, one, three = loss(0.0), loss(1.0), loss(3.0)
     class_term = one - instance

@@ -16,13 +16,16 @@ timestep off by one move it by 3e-2 to 0.7.
 import json
 import math
 import re
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from diffusers import UNet2DModel as DiffusersUNet2DModel
 from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.resnet import ResnetBlock2D
+from helpers import output_diff, randn
 from torch import nn
 
 from minidiff.convert.keymaps.unet import check_state_dict, class_conditioned_from_course, unet2d_from_diffusers
@@ -64,26 +67,7 @@ TINY3 = dict(TINY, block_out_channels=(32, 32, 64), down_block_types=("DownBlock
              up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))  # fmt: skip
 
 
-def make_pair(seed: int = 0, **config) -> tuple[DiffusersUNet2DModel, UNet2DModel]:
-    """A seeded diffusers UNet2DModel and the minidiff UNet2DModel holding its converted weights."""
-    torch.manual_seed(seed)
-    reference = DiffusersUNet2DModel(**config).eval()
-    with torch.device("meta"):  # no init, no copy: the converted tensors become the parameters
-        ours = UNet2DModel(UNet2DConfig.from_dict(dict(reference.config))).eval()
-    ours.load_state_dict(unet2d_from_diffusers(reference.state_dict(), ours.config), assign=True)
-    return reference, ours
-
-
-def max_diff(reference: nn.Module, ours: nn.Module, x: torch.Tensor, t, **kwargs) -> float:
-    with torch.no_grad():
-        expected = reference(x, t, **kwargs).sample
-        got = ours(x, t, **kwargs)
-    assert got.shape == expected.shape
-    return (got - expected).abs().max().item()
-
-
-def randn(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+make_pair = partial(helpers.make_pair, DiffusersUNet2DModel, UNet2DModel, UNet2DConfig.from_dict, unet2d_from_diffusers)
 
 
 def to_legacy_names(state_dict: dict) -> dict:
@@ -101,8 +85,8 @@ def test_celebahq_256_full_size_and_legacy_names():
     reference, ours = make_pair(**CELEBAHQ_256)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
     x = randn(2, 3, 64, 64)  # a 256 model at 64 px: each level is smaller, the bottom is 2x2
-    assert max_diff(reference, ours, x, torch.tensor([10, 990])) <= ATOL
-    assert max_diff(reference, ours, randn(1, 3, 256, 256), 500) <= ATOL
+    assert output_diff(reference, ours, x, torch.tensor([10, 990])) <= ATOL
+    assert output_diff(reference, ours, randn(1, 3, 256, 256), 500) <= ATOL
 
     # The hub files of google/ddpm-* carry the old attention names; diffusers renames them on load.
     legacy = to_legacy_names({k: v.clone() for k, v in reference.state_dict().items()})
@@ -116,13 +100,13 @@ def test_celebahq_256_full_size_and_legacy_names():
 
 def test_cifar10_32():
     reference, ours = make_pair(**CIFAR10_32)
-    assert max_diff(reference, ours, randn(2, 3, 32, 32), torch.tensor([0, 999])) <= ATOL
+    assert output_diff(reference, ours, randn(2, 3, 32, 32), torch.tensor([0, 999])) <= ATOL
 
 
 def test_butterflies_128_from_hub_config_json():
     reference, ours = make_pair(**{k: v for k, v in json.loads(BUTTERFLIES_128_JSON).items() if k[0] != "_"})
     assert ours.config == UNet2DConfig.from_dict(json.loads(BUTTERFLIES_128_JSON))
-    assert max_diff(reference, ours, randn(1, 3, 64, 64), 321) <= ATOL
+    assert output_diff(reference, ours, randn(1, 3, 64, 64), 321) <= ATOL
 
 
 # ---- tiny configs for the option matrix ----------------------------------------------------------------
@@ -158,7 +142,7 @@ def test_butterflies_128_from_hub_config_json():
 def test_tiny_option_matrix(options):
     reference, ours = make_pair(**dict(TINY, **options))
     x = randn(2, reference.config.in_channels, 16, 16)
-    assert max_diff(reference, ours, x, torch.tensor([3, 700])) <= ATOL
+    assert output_diff(reference, ours, x, torch.tensor([3, 700])) <= ATOL
 
 
 @pytest.mark.parametrize(
@@ -169,7 +153,7 @@ def test_tiny_option_matrix(options):
 )  # fmt: skip
 def test_timestep_forms(timestep):
     reference, ours = make_pair(**TINY)
-    assert max_diff(reference, ours, randn(3, 3, 16, 16), timestep) <= ATOL
+    assert output_diff(reference, ours, randn(3, 3, 16, 16), timestep) <= ATOL
 
 
 def test_python_float_timestep_is_not_truncated():
@@ -189,7 +173,7 @@ def test_python_float_timestep_is_not_truncated():
 def test_sizes_other_than_sample_size(size, padding):
     """Non-square and non-power-of-two sizes that every level halves exactly: parity with diffusers."""
     reference, ours = make_pair(**dict(TINY3, downsample_padding=padding))
-    assert max_diff(reference, ours, randn(1, 3, *size), 5) <= ATOL
+    assert output_diff(reference, ours, randn(1, 3, *size), 5) <= ATOL
 
 
 @pytest.mark.parametrize("padding", [0, 1])
@@ -213,7 +197,7 @@ def test_diffusers_class_conditioning(class_embed_type):
     x = randn(3, 3, 16, 16)
     labels = {None: torch.tensor([0, 3, 9]), "timestep": torch.tensor([0.0, 3.0, 9.0]),
               "identity": randn(3, 128, seed=5)}[class_embed_type]  # fmt: skip
-    assert max_diff(reference, ours, x, torch.tensor([5, 50, 500]), class_labels=labels) <= ATOL
+    assert output_diff(reference, ours, x, torch.tensor([5, 50, 500]), class_labels=labels) <= ATOL
     with torch.no_grad():
         assert not torch.allclose(ours(x, 5, labels), ours(x, 5, labels.flip(0)))
     with pytest.raises(ValueError, match="class_labels"):

@@ -21,11 +21,14 @@ import gc
 import json
 import re
 import warnings
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+from helpers import assert_same_tensors, output_diff
 
 from minidiff.convert.keymaps.sd_unet import (
     LDM_BUFFERS,
@@ -85,22 +88,8 @@ HUB = {
 
 
 
-def make_pair(seed: int = 0, **config) -> tuple[DiffusersUNet, UNet2DConditionModel]:
-    """A seeded diffusers UNet2DConditionModel and the minidiff model holding the same tensors."""
-    torch.manual_seed(seed)
-    reference = DiffusersUNet(**config).eval()
-    with torch.device("meta"):  # no init, no copy: the converted tensors become the parameters
-        ours = UNet2DConditionModel(UNet2DConditionConfig.from_dict(dict(reference.config))).eval()
-    ours.load_state_dict(unet_condition_from_diffusers(reference.state_dict(), ours.config), assign=True)
-    return reference, ours
-
-
-def max_diff(reference, ours, x: torch.Tensor, t, context: torch.Tensor) -> float:
-    with torch.no_grad():
-        expected = reference(x, t, context).sample
-        got = ours(x, t, context)
-    assert got.shape == expected.shape
-    return (got - expected).abs().max().item()
+make_pair = partial(helpers.make_pair, DiffusersUNet, UNet2DConditionModel, UNet2DConditionConfig.from_dict,
+                    unet_condition_from_diffusers)
 
 
 def inputs(config: dict, size: tuple[int, int], tokens: int = 77, batch: int = 2, seed: int = 1):
@@ -125,7 +114,7 @@ def inputs(config: dict, size: tuple[int, int], tokens: int = 77, batch: int = 2
 def test_tiny_matrix(config, size, tokens, t):
     reference, ours = make_pair(**config)
     x, context = inputs(config, size, tokens)
-    assert max_diff(reference, ours, x, t, context) <= ATOL
+    assert output_diff(reference, ours, x, t, context) <= ATOL
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -135,7 +124,7 @@ def test_half_precision_matches(dtype):
     reference.to(dtype)
     ours.load_state_dict(reference.state_dict(), assign=True)
     x, context = (v.to(dtype) for v in inputs(TINY_SD2, (9, 9)))
-    assert max_diff(reference, ours, x, 500, context) == 0.0
+    assert output_diff(reference, ours, x, 500, context) == 0.0
 
 
 @pytest.mark.parametrize("config, size", [(SD15, (16, 16)), (SD21, (8, 8))], ids=["sd15", "sd21"])
@@ -149,7 +138,7 @@ def test_full_size(config, size):
     ours.load_state_dict(unet_condition_from_diffusers(reference.state_dict(), ours.config), assign=True)
     x, context = inputs(config, size)
     try:
-        assert max_diff(reference, ours, x, torch.tensor([981, 981]), context) <= ATOL
+        assert output_diff(reference, ours, x, torch.tensor([981, 981]), context) <= ATOL
     finally:
         del reference, ours  # 3.4 GB; the suite shares the machine
         gc.collect()
@@ -177,7 +166,7 @@ def test_head_count_matters():
         with torch.device("meta"):
             other = UNet2DConditionModel(UNet2DConditionConfig(**{**TINY_SD1, **override})).eval()
         other.load_state_dict(reference.state_dict(), assign=True)
-        diff = max_diff(reference, other, x, 500, context)
+        diff = output_diff(reference, other, x, 500, context)
         assert diff <= ATOL if "num_attention_heads" in override else diff > 1e-3
     with pytest.raises(ValueError, match="num_attention_heads"):
         DiffusersUNet(**TINY_SD1, num_attention_heads=4)
@@ -230,11 +219,6 @@ def single_file(unet: dict, ema: dict | None = None) -> dict:
     return checkpoint
 
 
-def assert_same_tensors(got: dict, expected: dict):
-    assert sorted(got) == sorted(expected)
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
-
-
 @pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2, dict(TINY_SD1, in_channels=9)])
 def test_ldm_checkpoint_roundtrip_and_outputs(config):
     reference, _ = make_pair(**config)
@@ -248,7 +232,7 @@ def test_ldm_checkpoint_roundtrip_and_outputs(config):
         ours = UNet2DConditionModel(ours_config).eval()
     ours.load_state_dict(converted, assign=True)
     x, context = inputs(config, (9, 9))
-    assert max_diff(reference, ours, x, 500, context) <= ATOL
+    assert output_diff(reference, ours, x, 500, context) <= ATOL
 
 
 @pytest.mark.parametrize("config", [SD15, SD21], ids=["sd15", "sd21"])

@@ -15,12 +15,15 @@ logvar clamp move them by far more.
 
 import json
 import re
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from helpers import randn, seeded
 
 from minidiff.convert.keymaps.vae import vae_from_diffusers, vae_from_ldm
 from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
@@ -45,22 +48,8 @@ TINY3 = dict(TINY, block_out_channels=(16, 32, 32), down_block_types=("DownEncod
              up_block_types=("UpDecoderBlock2D",) * 3)  # fmt: skip
 
 
-def make_pair(seed: int = 0, **config) -> tuple[DiffusersAutoencoderKL, AutoencoderKL]:
-    """A seeded diffusers AutoencoderKL and the minidiff AutoencoderKL holding its converted weights."""
-    torch.manual_seed(seed)
-    reference = DiffusersAutoencoderKL(**config).eval()
-    with torch.device("meta"):  # no init, no copy: the converted tensors become the parameters
-        ours = AutoencoderKL(AutoencoderKLConfig.from_dict(dict(reference.config))).eval()
-    ours.load_state_dict(vae_from_diffusers(reference.state_dict(), ours.config), assign=True)
-    return reference, ours
-
-
-def randn(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+make_pair = partial(helpers.make_pair, DiffusersAutoencoderKL, AutoencoderKL, AutoencoderKLConfig.from_dict,
+                    vae_from_diffusers)
 
 
 def assert_parity(reference: DiffusersAutoencoderKL, ours: AutoencoderKL, x: torch.Tensor) -> dict[str, float]:

@@ -124,7 +124,7 @@ PIPELINE_COMPONENTS = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL
 IGNORED_COMPONENTS = ("safety_checker", "feature_extractor")  # diffusers pipeline parts minidiff does not use
 
 
-def _checked(where: str, convert, *args):
+def with_source(where: str, convert, *args):
     """Run a key map or config reader; its ValueError becomes a ConversionError that names `where`."""
     try:
         return convert(*args)
@@ -176,7 +176,7 @@ def convert_sd_pipeline(src: Path, dst: Path, dtype: torch.dtype | None) -> str:
         raise ConversionError(f"{src}: no {', '.join(missing)} folder: not a whole Stable Diffusion pipeline")
 
     def load(name: str, read_config, names: tuple[str, ...]) -> tuple[object, dict[str, torch.Tensor], Path]:
-        config = _checked(f"{src}/{name}/config.json", read_config, read_json(src / name / "config.json"))
+        config = with_source(f"{src}/{name}/config.json", read_config, read_json(src / name / "config.json"))
         weights = find_weights(src / name, names)
         return config, read_state_dict(weights), weights
 
@@ -184,9 +184,9 @@ def convert_sd_pipeline(src: Path, dst: Path, dtype: torch.dtype | None) -> str:
     vae_config, vae, vae_file = load("vae", AutoencoderKLConfig.from_dict, DIFFUSERS_WEIGHTS)
     text_config, text, text_file = load("text_encoder", CLIPTextConfig.from_dict, TRANSFORMERS_WEIGHTS)
     components = {
-        "unet": _checked(str(unet_file), unet_condition_from_diffusers, unet, unet_config),
-        "vae": _checked(str(vae_file), vae_from_diffusers, vae, vae_config),
-        "text_encoder": _checked(str(text_file), clip_from_transformers, text, CLIPTextModel, text_config),
+        "unet": with_source(str(unet_file), unet_condition_from_diffusers, unet, unet_config),
+        "vae": with_source(str(vae_file), vae_from_diffusers, vae, vae_config),
+        "text_encoder": with_source(str(text_file), clip_from_transformers, text, CLIPTextModel, text_config),
     }
     tokenizer, files = read_tokenizer(src / "tokenizer", text_config.max_position_embeddings)
     scheduler = read_json(src / "scheduler" / "scheduler_config.json")
@@ -255,13 +255,13 @@ def single_file_components(
         raise ValueError(f"{len(unknown)} tensors that are not part of an SD UNet, VAE or text encoder, nor "
                          f"bookkeeping minidiff drops by name:{key_listing(unknown)}")
     where = f"with the configs of {known['hub']}"
-    unet_config = _checked(f"the UNet {where}", lambda: ldm_unet_config(checkpoint, **unet_known))
+    unet_config = with_source(f"the UNet {where}", lambda: ldm_unet_config(checkpoint, **unet_known))
     vae_config = AutoencoderKLConfig.from_dict(vae_json)
     text_config = CLIPTextConfig.from_dict(known["text_encoder"])
     components = {
-        "unet": _checked(f"the UNet {where}", unet_condition_from_ldm, checkpoint, unet_config, use_ema),
-        "vae": _checked(f"the VAE (first_stage_model.*) {where}", vae_from_ldm, checkpoint, vae_config),
-        "text_encoder": _checked(f"the text encoder (cond_stage_model.*) {where}", text_encoder_from_sd, checkpoint,
+        "unet": with_source(f"the UNet {where}", unet_condition_from_ldm, checkpoint, unet_config, use_ema),
+        "vae": with_source(f"the VAE (first_stage_model.*) {where}", vae_from_ldm, checkpoint, vae_config),
+        "text_encoder": with_source(f"the text encoder (cond_stage_model.*) {where}", text_encoder_from_sd, checkpoint,
                                  text_config),
     }
     return _sd_config("", unet_config, vae_config, text_config, dict(known["tokenizer"]), scheduler), components
@@ -281,8 +281,8 @@ def convert_single_file(
     if image_size is not None and (image_size <= 0 or image_size % 8):
         raise ConversionError(f"--image-size {image_size}: must be a positive multiple of 8 (512, 768)")
     checkpoint, others = read_checkpoint(path)
-    model_type = _checked(str(path), detect_model_type, checkpoint, others.get("global_step"))
-    config, components = _checked(str(path), single_file_components, checkpoint, model_type, prediction_type,
+    model_type = with_source(str(path), detect_model_type, checkpoint, others.get("global_step"))
+    config, components = with_source(str(path), single_file_components, checkpoint, model_type, prediction_type,
                                   image_size, upcast_attention, use_ema)
     hub = SD_CONFIGS[model_type]["hub"]
     config["source"] = f"{path.resolve()} (original single-file checkpoint; configs of {hub})"

@@ -284,7 +284,7 @@ class UNet2DModel(nn.Module):
     num_classes = property(lambda self: self.config.num_class_embeds)  # None for "identity" embeddings
     has_null_class = False  # no "no class" label: no classifier-free guidance
 
-    def _embed(self, t: torch.Tensor) -> torch.Tensor:
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) -> (B, block_out_channels[0]) sinusoidal features."""
         return timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                   self.config.freq_shift)
@@ -308,13 +308,13 @@ class UNet2DModel(nn.Module):
         if t.numel() not in (1, sample.shape[0]):
             raise ValueError(f"got {t.numel()} timesteps for a batch of {sample.shape[0]}; pass one or one each")
         t = t.expand(sample.shape[0])  # (B,)
-        emb = self.time_embedding(self._embed(t).to(dtype))  # (B, temb_dim)
+        emb = self.time_embedding(self.time_features(t).to(dtype))  # (B, temb_dim)
 
         if self.is_class_conditional:
             if class_labels is None:
                 raise ValueError("this UNet is class-conditioned: pass class_labels")
             if self.config.class_embed_type == "timestep":
-                class_labels = self._embed(class_labels).to(dtype)
+                class_labels = self.time_features(class_labels).to(dtype)
             class_emb = class_labels if self.class_embedding is None else self.class_embedding(class_labels)
             emb = emb + class_emb.to(dtype)
         elif class_labels is not None:

@@ -91,7 +91,7 @@ class StableDiffusion:
 
     # 1. Text -> embeddings --------------------------------------------------------------------------------------
 
-    def _embed(self, texts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+    def embed_texts(self, texts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """(B, 77, D) text embeddings; with clip_skip = k, the final layer norm of the k-th layer from the end."""
         max_length = self.tokenizer.model_max_length
         for text in texts:
@@ -114,10 +114,10 @@ class StableDiffusion:
             B, L, D = embeds.shape
             return embeds.to(dtype).repeat(1, num_images_per_prompt, 1).view(B * num_images_per_prompt, L, D)
 
-        positive = repeat(self._embed(prompt, clip_skip))
+        positive = repeat(self.embed_texts(prompt, clip_skip))
         if not do_cfg:
             return positive
-        negative = repeat(self._embed(negative_prompt or [""] * len(prompt)))
+        negative = repeat(self.embed_texts(negative_prompt or [""] * len(prompt)))
         return torch.cat([negative, positive])
 
     # 2. Images <-> latents --------------------------------------------------------------------------------------

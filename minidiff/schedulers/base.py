@@ -86,7 +86,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ScheduleConfig:
+class NoiseScheduleConfig:
     """The fields every diffusers scheduler_config.json shares, with diffusers' defaults."""
 
     num_train_timesteps: int = 1000  # T, the length of the forward process
@@ -128,7 +128,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class SchedulerConfig(ScheduleConfig):
+class X0Config(NoiseScheduleConfig):
     """A DDPM/DDIM scheduler_config.json: the shared fields plus what to do with the predicted x_0."""
 
     clip_sample: bool = True  # clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
@@ -145,7 +145,7 @@ class SchedulerConfig(ScheduleConfig):
                              "and sample_max_value > 0")
 
 
-def make_betas(config: ScheduleConfig) -> torch.Tensor:
+def make_betas(config: NoiseScheduleConfig) -> torch.Tensor:
     """beta_1..beta_T in float32, computed exactly as diffusers does (torch linspace, not numpy)."""
     T = config.num_train_timesteps
     if config.trained_betas is not None:
@@ -159,7 +159,7 @@ def make_betas(config: ScheduleConfig) -> torch.Tensor:
     return rescale_zero_terminal_snr(betas) if getattr(config, "rescale_betas_zero_snr", False) else betas
 
 
-def spaced_timesteps(config: ScheduleConfig, num_inference_steps: int) -> torch.Tensor:
+def spaced_timesteps(config: NoiseScheduleConfig, num_inference_steps: int) -> torch.Tensor:
     """The N of the T training steps that a sampler visits, in descending order (int64).
     leading: 0, T//N, 2T//N, ... (+ steps_offset); trailing: T-1 downwards in strides of T/N;
     linspace: N evenly spaced points of [0, T-1], rounded (Lin et al. 2024, Table 2 compares them)."""
@@ -196,7 +196,7 @@ class SchedulerOutput:
 class Scheduler:
     """What DDPM and DDIM share: the schedule, q(x_t | x_0), the choice of timesteps, and x_0 from the output."""
 
-    config_class: type[ScheduleConfig] = SchedulerConfig
+    config_class: type[NoiseScheduleConfig] = X0Config
     order = 1  # model evaluations per step
     init_noise_sigma = 1.0  # x_T ~ N(0, I): the initial noise needs no scaling
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from minidiff.noise import Generator, randn_tensor
-from minidiff.schedulers.base import Scheduler, SchedulerConfig, SchedulerOutput, spaced_timesteps
+from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, spaced_timesteps
 
 
 @dataclass
-class DDIMConfig(SchedulerConfig):
+class DDIMConfig(X0Config):
     set_alpha_to_one: bool = True  # alpha_bar "before" the first step: 1, or alpha_bar_1 (Stable Diffusion)
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from minidiff.noise import Generator, randn_tensor
-from minidiff.schedulers.base import Scheduler, SchedulerConfig, SchedulerOutput, spaced_timesteps
+from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, spaced_timesteps
 
 
 @dataclass
-class DDPMConfig(SchedulerConfig):
+class DDPMConfig(X0Config):
     variance_type: str = "fixed_small"  # sigma_t^2 of the reverse step: one of VARIANCE_TYPES
 
 

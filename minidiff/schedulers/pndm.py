@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minidiff.schedulers.base import ScheduleConfig, Scheduler, SchedulerOutput, spaced_timesteps
+from minidiff.schedulers.base import NoiseScheduleConfig, Scheduler, SchedulerOutput, spaced_timesteps
 
 
 @dataclass
-class PNDMConfig(ScheduleConfig):
+class PNDMConfig(NoiseScheduleConfig):
     skip_prk_steps: bool = False  # True (Stable Diffusion): a 2-evaluation warm-up instead of Runge-Kutta
     set_alpha_to_one: bool = False  # alpha_bar "before" the first step: 1, or alpha_bar_1
 

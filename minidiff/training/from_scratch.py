@@ -35,7 +35,7 @@ from minidiff.models.unet_condition import UNet2DConditionConfig, UNet2DConditio
 from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from minidiff.pipelines.stable_diffusion import StableDiffusion
 from minidiff.training.loop import Task
-from minidiff.training.personalize import LatentDenoiser, SDModel, sampler
+from minidiff.training.personalize import LatentDenoisingLoss, SDModel, sampler
 from minidiff.training.shapes import CaptionedShapes, caption_scene, shape_scenes
 
 MODES = ("vae", "text-to-image")
@@ -184,7 +184,7 @@ def text_to_image_task(vae_path: str | Path, dataset: CaptionedShapes, caption_d
     sd = model.sd
     sd.unet.config.sample_size = dataset.resolution // sd.vae_scale_factor  # what the pipeline draws by default
     examples = CaptionedExamples(dataset, sd.tokenizer, caption_dropout)
-    objective = LatentDenoiser(model)
+    objective = LatentDenoisingLoss(model)
     draw = sampler(model)
     prompts = [caption_scene(scene) for scene in shape_scenes("heldout")[:num_sample_images]]
 

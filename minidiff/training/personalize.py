@@ -133,7 +133,7 @@ class PromptedImages:
         return example
 
 
-class LatentDenoiser(nn.Module):
+class LatentDenoisingLoss(nn.Module):
     """What the Stable Diffusion modes train: forward(batch, generators) -> the loss of the batch (a scalar).
 
     Holds the whole model; what trains is whatever requires grad: the UNet (and text encoder) for Dreambooth,
@@ -215,7 +215,7 @@ def generate_class_images(model: SDModel, folder: str | Path, prompt: str, count
     return len(todo)
 
 
-def sd_task(mode: str, model: SDModel, objective: LatentDenoiser, dataset: PromptedImages, trains: str,
+def sd_task(mode: str, model: SDModel, objective: LatentDenoisingLoss, dataset: PromptedImages, trains: str,
             sample_prompt: str, fingerprint: dict, gradient_checkpointing: bool = False, num_sample_images: int = 4,
             sample_steps: int = 50) -> Task:
     """The Task for loop.py's trainer, either mode: objective, data, final-model writer and sample grids."""
@@ -260,7 +260,7 @@ def dreambooth_task(model: SDModel, images: ImageDataset, instance_prompt: str,
         fingerprint.update(class_prompt=class_prompt, class_data=class_images.source,
                            num_class_images=len(class_images), prior_loss_weight=prior_loss_weight)
         trains += f", with prior preservation ({class_prompt!r}, weight {prior_loss_weight})"
-    objective = LatentDenoiser(model, prior_loss_weight)
+    objective = LatentDenoisingLoss(model, prior_loss_weight)
     return sd_task("dreambooth", model, objective, dataset, f"{trains} on {instance_prompt!r}",
                    sample_prompt or instance_prompt, fingerprint, **options)
 
@@ -280,7 +280,7 @@ def textual_inversion_task(model: SDModel, images: ImageDataset, placeholder_tok
     placeholder_id = add_token(sd, placeholder_token, initial)
     templates = TEMPLATES[learnable_property]
     dataset = PromptedImages(images, tokenize(sd, [t.format(placeholder_token) for t in templates]))
-    objective = LatentDenoiser(model, placeholder_id=placeholder_id)
+    objective = LatentDenoisingLoss(model, placeholder_id=placeholder_id)
     task = sd_task("textual-inversion", model, objective, dataset,
                    f"the embedding of {placeholder_token!r} ({learnable_property}, from {initializer_token!r})",
                    sample_prompt or templates[0].format(placeholder_token),

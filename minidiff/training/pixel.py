@@ -28,7 +28,7 @@ from minidiff.training.loop import Task, denoising_loss, enable_gradient_checkpo
 MODES = ("ddpm", "class-conditioned")
 
 
-class PixelDenoiser(nn.Module):
+class PixelDenoisingLoss(nn.Module):
     """The thing a pixel mode trains: forward(batch, generators) -> the mean denoising loss of the batch.
 
     batch: {"images": (B, C, H, W) in [-1, 1], "class_labels": (B,) int64 for class-conditioned models}.
@@ -154,4 +154,4 @@ def pixel_task(mode: str, dataset: ImageDataset, model: PixelModel, gradient_che
     fingerprint = {"mode": mode, "model": model.origin, "unet": to_json_dict(unet_config),
                    "scheduler": model.scheduler_config, "data": dataset.source, "resolution": size,
                    "classes": classes, "random_flip": dataset.random_flip, "label_dropout": label_dropout}
-    return Task(PixelDenoiser(model.unet, scheduler, label_dropout), dataset, save_model, sample_grid, fingerprint)
+    return Task(PixelDenoisingLoss(model.unet, scheduler, label_dropout), dataset, save_model, sample_grid, fingerprint)

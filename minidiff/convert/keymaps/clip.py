@@ -83,7 +83,8 @@ _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 SD1_PREFIX, SD2_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
 
 
-def _checked(model_class: type[nn.Module], config, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def checked_against(model_class: type[nn.Module], config, converted: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
     with torch.device("meta"):  # the model only for its key names and shapes: no memory, no init
         check_state_dict(model_class(config), converted)
     return converted
@@ -104,7 +105,7 @@ def clip_from_transformers(
         raise ValueError(f"model_class must be one of {[c.__name__ for c in _TRANSFORMERS_PREFIX]}")
     prefix = _TRANSFORMERS_PREFIX[model_class]
     converted = rename_keys(_without(state_dict, _POSITION_IDS), lambda key: key.removeprefix(prefix))
-    return _checked(model_class, config, converted)
+    return checked_against(model_class, config, converted)
 
 
 def _open_clip_key(key: str) -> str:
@@ -141,7 +142,7 @@ def _open_clip_layout(renamed: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def clip_from_open_clip(state_dict: Mapping[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
     """An open_clip or OpenAI CLIP state dict (both towers) -> minidiff CLIPModel keys. The config is needed
     for what the weights do not say: head counts, hidden_act (OpenAI: quick_gelu; open_clip ViT-H: gelu), eps."""
-    return _checked(CLIPModel, config, _rename_open_clip(_without(state_dict, _OPENAI_SCALARS)))
+    return checked_against(CLIPModel, config, _rename_open_clip(_without(state_dict, _OPENAI_SCALARS)))
 
 
 def text_encoder_from_sd(checkpoint: Mapping[str, torch.Tensor], config: CLIPTextConfig) -> dict[str, torch.Tensor]:
@@ -160,4 +161,4 @@ def text_encoder_from_sd(checkpoint: Mapping[str, torch.Tensor], config: CLIPTex
     last_block = f"transformer.resblocks.{config.num_hidden_layers}."
     dropped = {k for k in sd2 if k.startswith(last_block)} | {"text_projection", "logit_scale"}
     converted = {k.removeprefix("text_model."): v for k, v in _rename_open_clip(_without(sd2, dropped)).items()}
-    return _checked(CLIPTextModel, config, converted)
+    return checked_against(CLIPTextModel, config, converted)
