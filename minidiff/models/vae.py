@@ -136,6 +136,15 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
+def _resnets(in_channels: int, out_channels: int, num_layers: int, cfg: AutoencoderKLConfig) -> nn.ModuleList:
+    """num_layers ResnetBlocks without a time input, the first from in_channels."""
+    return nn.ModuleList(
+        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups, eps=EPS,
+                    act=cfg.act_fn)
+        for i in range(num_layers)
+    )
+
+
 class DownEncoderBlock(nn.Module):
     """num_layers ResnetBlocks (no time input), then, except in the last block, a stride-2 conv whose input is
     padded on the right and bottom only (LDM's Downsample; diffusers' downsample_padding=0)."""
@@ -143,11 +152,7 @@ class DownEncoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool,
                  cfg: AutoencoderKLConfig):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups,
-                        eps=EPS, act=cfg.act_fn)
-            for i in range(num_layers)
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, cfg)
         # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
         self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)] if add_downsample else [])
 
@@ -164,11 +169,7 @@ class UpDecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool,
                  cfg: AutoencoderKLConfig):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups,
-                        eps=EPS, act=cfg.act_fn)
-            for i in range(num_layers)
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, cfg)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
