@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from minidiff.config import from_json_dict
+from minidiff.models.attention import multi_head_attention
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ class CLIPAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.head_dim = hidden_size // num_heads
+        self.heads, self.head_dim = num_heads, hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
@@ -165,11 +166,9 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """mask: None, or bool (B, 1, L, L) with True where query i may attend to key j."""
-        B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
-        return self.out_proj(h.transpose(1, 2).contiguous().reshape(B, L, -1))
+        h = multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask,
+                                 is_causal=is_causal, scale=self.head_dim**-0.5)  # transformers passes the scale
+        return self.out_proj(h)
 
 
 class CLIPMLP(nn.Module):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.models.attention import multi_head_attention
+
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -127,11 +129,11 @@ class Attention(nn.Module):
         rescale_output_factor: float = 1.0,
     ):
         super().__init__()
-        self.head_dim = head_dim or channels
-        self.heads = channels // self.head_dim
+        head_dim = head_dim or channels
+        self.heads = channels // head_dim
         if self.heads < 1:
             raise ValueError(f"attention head_dim {head_dim} is wider than the {channels} channels")
-        inner = self.heads * self.head_dim
+        inner = self.heads * head_dim
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, inner)
         self.to_k = nn.Linear(channels, inner)
@@ -144,12 +146,7 @@ class Attention(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         B, C, H, W = x.shape
         h = self.group_norm(x.view(B, C, H * W)).transpose(1, 2)  # (B, C, HW) -> (B, HW, C) tokens
-        q, k, v = (
-            proj(h).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, HW, head_dim)
-            for proj in (self.to_q, self.to_k, self.to_v)
-        )
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
-        h = h.transpose(1, 2).reshape(B, -1, self.heads * self.head_dim)  # (B, HW, inner)
+        h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), self.heads)  # (B, HW, inner)
         h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
         return (h + x) / self.rescale_output_factor
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.models.attention import multi_head_attention
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention whose keys and values may come from a separate context.
@@ -38,7 +40,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads = heads
         inner = heads * head_dim
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -50,13 +52,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, dim), context (B, L, context_dim) or None -> (B, N, dim)."""
         context = x if context is None else context
-        B = x.shape[0]
-        q, k, v = (
-            proj(h).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, tokens, head_dim)
-            for proj, h in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
-        )
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, Vaswani eq. 1
-        h = h.transpose(1, 2).reshape(B, -1, self.heads * self.head_dim)  # (B, N, inner)
+        h = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)  # (B, N, inner)
         return self.to_out[0](h)
 
 

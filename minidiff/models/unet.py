@@ -2,9 +2,12 @@
 
     x (B, in, H, W) -> conv_in -> down blocks -> mid block -> up blocks -> GroupNorm, SiLU, conv_out
     t -> sinusoidal embedding -> MLP -> emb (B, 4*C0), added (per channel) inside every ResnetBlock
+    class label (optional) -> its own embedding (B, 4*C0), added to emb
 
-Each down block halves the resolution (except the last); every intermediate feature map is kept on a skip
-stack and each up block concatenates one skip per ResnetBlock, so the UNet's two halves mirror each other.
+The blocks and the skip stack are the UNet skeleton (minidiff/models/unet_blocks.py): each down block halves
+the resolution (except the last), each up block concatenates one skip per ResnetBlock. What this file adds is
+the conditioning, a time (and class) embedding and nothing else, and the attention in the "Attn" blocks:
+self-attention among the pixels (layers.Attention). Compare unet_condition.py, where the pixels attend to a text.
 
 Reference: diffusers 0.42 models/unets/unet_2d.py and unet_2d_blocks.py (DownBlock2D, AttnDownBlock2D,
 UNetMidBlock2D, UpBlock2D, AttnUpBlock2D). Module names equal diffusers' names, so a modern diffusers
@@ -18,15 +21,8 @@ import torch
 from torch import nn
 
 from minidiff.config import from_json_dict, is_number, is_positive_int, require
-from minidiff.models.layers import (
-    ACTIVATIONS,
-    Attention,
-    Downsample,
-    ResnetBlock,
-    TimestepEmbedding,
-    Upsample,
-    timestep_embedding,
-)
+from minidiff.models.layers import ACTIVATIONS, Attention, TimestepEmbedding, timestep_embedding
+from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
 
 
 @dataclass
@@ -137,99 +133,7 @@ class UNet2DConfig:
         return from_json_dict(cls, d)
 
 
-class DownBlock(nn.Module):
-    """layers_per_block ResnetBlocks (each followed by attention in AttnDownBlock2D), then a Downsample.
-
-    Returns the output and the skips it pushes: every resnet(+attention) output and the downsampled map.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
-                 add_attention: bool, add_downsample: bool, head_dim: int | None, cfg: UNet2DConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
-                        groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn)
-            for i in range(num_layers)
-        )
-        self.attentions = nn.ModuleList(
-            Attention(out_channels, head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
-            for _ in range(num_layers if add_attention else 0)
-        )
-        # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
-        self.downsamplers = nn.ModuleList(
-            [Downsample(out_channels, padding=cfg.downsample_padding)] if add_downsample else []
-        )
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb)
-            if self.attentions:
-                h = self.attentions[i](h)
-            skips.append(h)
-        for downsample in self.downsamplers:
-            h = downsample(h)
-            skips.append(h)
-        return h, skips
-
-
-class UpBlock(nn.Module):
-    """layers_per_block + 1 ResnetBlocks, each eating one skip (concatenated on channels), each followed by
-    attention in AttnUpBlock2D; then an Upsample to the size of the next skip."""
-
-    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int,
-                 num_layers: int, add_attention: bool, add_upsample: bool, head_dim: int | None,
-                 cfg: UNet2DConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList()
-        for i in range(num_layers):
-            h_channels = prev_channels if i == 0 else out_channels
-            skip_channels = in_channels if i == num_layers - 1 else out_channels
-            self.resnets.append(ResnetBlock(
-                h_channels + skip_channels, out_channels, temb_channels=temb_channels,
-                groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn))
-        self.attentions = nn.ModuleList(
-            Attention(out_channels, head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
-            for _ in range(num_layers if add_attention else 0)
-        )
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
-
-    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)
-            if self.attentions:
-                h = self.attentions[i](h)
-        for upsample in self.upsamplers:
-            h = upsample(h, upsample_size)
-        return h
-
-
-class MidBlock(nn.Module):
-    """ResnetBlock, attention (if add_attention), ResnetBlock at the lowest resolution."""
-
-    def __init__(self, channels: int, temb_channels: int, head_dim: int | None, cfg: UNet2DConfig):
-        super().__init__()
-        scale = cfg.mid_block_scale_factor
-        self.resnets = nn.ModuleList(
-            ResnetBlock(channels, channels, temb_channels=temb_channels, groups=cfg.norm_num_groups,
-                        eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn, output_scale_factor=scale)
-            for _ in range(2)
-        )
-        groups = cfg.attn_norm_num_groups or cfg.norm_num_groups
-        self.attentions = nn.ModuleList(
-            [Attention(channels, head_dim, groups=groups, eps=cfg.norm_eps, rescale_output_factor=scale)]
-            if cfg.add_attention else []
-        )
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.resnets[0](h, emb)
-        for attention in self.attentions:
-            h = attention(h)
-        return self.resnets[1](h, emb)
-
-
-class UNet2DModel(nn.Module):
+class UNet2DModel(UNetSkeleton):
     """diffusers' UNet2DModel: predicts noise (or x0 / v) from a noisy image, a timestep and a class.
 
     Runs at any size the downsampling allows, not only sample_size: the up blocks upsample to the size of
@@ -252,23 +156,18 @@ class UNet2DModel(nn.Module):
         else:  # "identity" (labels are already (B, temb_dim) vectors) or no class input
             self.class_embedding = None
 
-        def head_dim(c: int) -> int:
-            return cfg.attention_head_dim or c  # null: a single head as wide as the block
+        # The attention of the "Attn" blocks: the pixels attend to each other, attention_head_dim channels per
+        # head (null: one head as wide as the block).
+        def attention(level: int) -> Attention:
+            return Attention(channels[level], cfg.attention_head_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
 
-        n = len(channels)
-        self.down_blocks = nn.ModuleList()
-        for i, kind in enumerate(cfg.down_block_types):
-            c_in = channels[max(i - 1, 0)]
-            self.down_blocks.append(DownBlock(
-                c_in, channels[i], temb_dim, cfg.layers_per_block, kind == "AttnDownBlock2D",
-                add_downsample=i < n - 1, head_dim=head_dim(channels[i]), cfg=cfg))
-        self.mid_block = MidBlock(channels[-1], temb_dim, head_dim(channels[-1]), cfg) if cfg.mid_block_type else None
-        rev = channels[::-1]
-        self.up_blocks = nn.ModuleList()
-        for i, kind in enumerate(cfg.up_block_types):
-            self.up_blocks.append(UpBlock(
-                rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb_dim, cfg.layers_per_block + 1,
-                kind == "AttnUpBlock2D", add_upsample=i < n - 1, head_dim=head_dim(rev[i]), cfg=cfg))
+        def mid_attention() -> Attention:  # its own GroupNorm groups; scaled like the mid ResnetBlocks
+            groups = cfg.attn_norm_num_groups or cfg.norm_num_groups
+            return Attention(channels[-1], cfg.attention_head_dim, groups=groups, eps=cfg.norm_eps,
+                             rescale_output_factor=cfg.mid_block_scale_factor)
+
+        self.down_blocks, self.mid_block, self.up_blocks = unet_blocks(
+            cfg, temb_dim, attention, mid_attention if cfg.add_attention else None)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=3, padding=1)
@@ -320,16 +219,6 @@ class UNet2DModel(nn.Module):
         elif class_labels is not None:
             raise ValueError("this UNet has no class embedding (set num_class_embeds or class_embed_type)")
 
-        h = self.conv_in(sample)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, emb)
-            skips += block_skips
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            h = block(h, block_skips, emb, upsample_size=skips[-1].shape[-2:] if skips else None)
+        h = self.down_mid_up(self.conv_in(sample), emb)  # down path, skip stack, up path (unet_blocks.py)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 

@@ -4,8 +4,9 @@
     t -> sinusoidal embedding -> MLP -> emb (B, 4*C0), added per channel inside every ResnetBlock
     text (B, L, D) -> read by the cross-attention of every Transformer2D (minidiff/models/transformer.py)
 
-The skeleton is the pixel UNet's (minidiff/models/unet.py): ResnetBlocks, a skip stack, Down/Upsample. What is new
-is the Transformer2D after each ResnetBlock of the "CrossAttn" blocks, where the pixels attend to the text.
+The skeleton is the pixel UNet's (minidiff/models/unet_blocks.py): ResnetBlocks, a skip stack, Down/Upsample. What
+is new is the Transformer2D after each ResnetBlock of the "CrossAttn" blocks (and in the mid block), where the
+pixels attend to the text; the time embedding alone carries t, there is no class embedding (compare unet.py).
 h and w are any latent size (height/8, width/8): the up blocks upsample to the size of the skip they meet.
 Inpainting UNets take 9 input channels: the noisy latents, the mask and the masked image's latents.
 
@@ -22,16 +23,9 @@ import torch
 from torch import nn
 
 from minidiff.config import from_json_dict, is_positive_int, require
-from minidiff.models.layers import (
-    ACTIVATIONS,
-    Downsample,
-    ResnetBlock,
-    TimestepEmbedding,
-    Upsample,
-    activation,
-    timestep_embedding,
-)
+from minidiff.models.layers import ACTIVATIONS, TimestepEmbedding, activation, timestep_embedding
 from minidiff.models.transformer import Transformer2D
+from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
 
 # diffusers UNet2DConditionModel options that SD 1.x/2.x leave off, with the values that mean "off". A
 # config.json that turns one on describes a model minidiff does not implement (SDXL, unCLIP, LCM, ...).
@@ -180,96 +174,7 @@ class UNet2DConditionConfig:
         return from_json_dict(cls, d, ignore={*UNSUPPORTED, "addition_embed_type_num_heads"})
 
 
-def _resnet(in_channels: int, out_channels: int, temb_channels: int, cfg: UNet2DConditionConfig,
-            output_scale_factor: float = 1.0) -> ResnetBlock:
-    return ResnetBlock(in_channels, out_channels, temb_channels=temb_channels, groups=cfg.norm_num_groups,
-                       eps=cfg.norm_eps, dropout=cfg.dropout, act=cfg.act_fn, output_scale_factor=output_scale_factor)
-
-
-def _transformers(n: int, channels: int, heads: int, depth: int, cfg: UNet2DConditionConfig) -> nn.ModuleList:
-    """n Transformer2Ds with `heads` heads of channels // heads channels each (empty for n = 0)."""
-    return nn.ModuleList(
-        Transformer2D(channels, heads, channels // heads, cfg.cross_attention_dim, depth=depth,
-                      groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection)
-        for _ in range(n)
-    )
-
-
-class DownBlock(nn.Module):
-    """layers_per_block ResnetBlocks, each followed by a Transformer2D in CrossAttnDownBlock2D, then a
-    Downsample. Returns the output and the skips it pushes: every resnet(+transformer) output and the
-    downsampled map."""
-
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, cfg: UNet2DConditionConfig, *,
-                 cross_attention: bool, add_downsample: bool, heads: int, depth: int):
-        super().__init__()
-        n = cfg.layers_per_block
-        self.resnets = nn.ModuleList(
-            _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg) for i in range(n)
-        )
-        self.attentions = _transformers(n if cross_attention else 0, out_channels, heads, depth, cfg)
-        # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
-        self.downsamplers = nn.ModuleList(
-            [Downsample(out_channels, padding=cfg.downsample_padding)] if add_downsample else []
-        )
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb)
-            if self.attentions:
-                h = self.attentions[i](h, context)
-            skips.append(h)
-        for downsample in self.downsamplers:
-            h = downsample(h)
-            skips.append(h)
-        return h, skips
-
-
-class UpBlock(nn.Module):
-    """layers_per_block + 1 ResnetBlocks, each eating one skip (concatenated on channels) and followed by a
-    Transformer2D in CrossAttnUpBlock2D; then an Upsample to the size of the next skip."""
-
-    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int,
-                 cfg: UNet2DConditionConfig, *, cross_attention: bool, add_upsample: bool, heads: int, depth: int):
-        super().__init__()
-        n = cfg.layers_per_block + 1
-        self.resnets = nn.ModuleList()
-        for i in range(n):
-            h_channels = prev_channels if i == 0 else out_channels
-            skip_channels = in_channels if i == n - 1 else out_channels
-            self.resnets.append(_resnet(h_channels + skip_channels, out_channels, temb_channels, cfg))
-        self.attentions = _transformers(n if cross_attention else 0, out_channels, heads, depth, cfg)
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
-
-    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_h + C_skip, H, W)
-            if self.attentions:
-                h = self.attentions[i](h, context)
-        for upsample in self.upsamplers:
-            h = upsample(h, upsample_size)
-        return h
-
-
-class MidBlock(nn.Module):
-    """ResnetBlock, Transformer2D, ResnetBlock at the lowest resolution (UNetMidBlock2DCrossAttn)."""
-
-    def __init__(self, channels: int, temb_channels: int, cfg: UNet2DConditionConfig, *, heads: int, depth: int):
-        super().__init__()
-        scale = cfg.mid_block_scale_factor  # scales the resnets only, not the transformer
-        self.resnets = nn.ModuleList(_resnet(channels, channels, temb_channels, cfg, scale) for _ in range(2))
-        self.attentions = _transformers(1, channels, heads, depth, cfg)
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.resnets[0](h, emb)
-        h = self.attentions[0](h, context)
-        return self.resnets[1](h, emb)
-
-
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(UNetSkeleton):
     """diffusers' UNet2DConditionModel for SD 1.x/2.x: predicts noise (or v) from noisy latents, a timestep
     and the text encoder's hidden states."""
 
@@ -278,25 +183,20 @@ class UNet2DConditionModel(nn.Module):
         self.config = cfg = config
         channels, heads, depth = cfg.block_out_channels, cfg.heads, cfg.per_block("transformer_layers_per_block")
         temb_dim = cfg.time_embedding_dim or 4 * channels[0]
-        n = len(channels)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim, act=cfg.act_fn)
-        self.down_blocks = nn.ModuleList(
-            DownBlock(channels[max(i - 1, 0)], channels[i], temb_dim, cfg, add_downsample=i < n - 1,
-                      cross_attention=kind == "CrossAttnDownBlock2D", heads=heads[i], depth=depth[i])
-            for i, kind in enumerate(cfg.down_block_types)
-        )
-        self.mid_block = (
-            MidBlock(channels[-1], temb_dim, cfg, heads=heads[-1], depth=depth[-1]) if cfg.mid_block_type else None
-        )
-        # The up path mirrors the down path: channels, heads and depths reversed.
-        rev, rev_heads, rev_depth = channels[::-1], heads[::-1], depth[::-1]
-        self.up_blocks = nn.ModuleList(
-            UpBlock(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb_dim, cfg, add_upsample=i < n - 1,
-                    cross_attention=kind == "CrossAttnUpBlock2D", heads=rev_heads[i], depth=rev_depth[i])
-            for i, kind in enumerate(cfg.up_block_types)
-        )
+
+        # The attention of the "CrossAttn" blocks and the mid block: a Transformer2D whose cross-attention reads
+        # the text, with heads[level] heads of channels // heads channels and depth[level] transformer blocks.
+        def attention(level: int) -> Transformer2D:
+            c, n_heads = channels[level], heads[level]
+            return Transformer2D(c, n_heads, c // n_heads, cfg.cross_attention_dim, depth=depth[level],
+                                 groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection)
+
+        # The mid block's is the last level's; mid_block_scale_factor divides only the mid ResnetBlocks.
+        self.down_blocks, self.mid_block, self.up_blocks = unet_blocks(
+            cfg, temb_dim, attention, mid_attention=lambda: attention(len(channels) - 1))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=3, padding=1)
@@ -327,17 +227,6 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(t.expand(B), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, temb_dim)
 
-        h = self.conv_in(sample)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, emb, context)
-            skips += block_skips
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb, context)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            # Upsample to the next skip's size: 2x when h, w are multiples of 2**(levels-1) (then identical
-            # to diffusers' scale_factor=2), else it realigns odd sizes (diffusers' forward_upsample_size).
-            h = block(h, block_skips, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+        # The skeleton of unet_blocks.py, with the text passed to every Transformer2D.
+        h = self.down_mid_up(self.conv_in(sample), emb, context)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))

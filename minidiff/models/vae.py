@@ -27,6 +27,7 @@ from torch import nn
 
 from minidiff.config import from_json_dict, is_number, is_positive_int, require
 from minidiff.models.layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, Upsample
+from minidiff.models.unet_blocks import MidBlock
 from minidiff.noise import Generator, randn_tensor
 
 EPS = 1e-6  # every GroupNorm of the VAE (hard-coded in diffusers and in LDM's Normalize)
@@ -135,6 +136,15 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
+def _resnets(in_channels: int, out_channels: int, num_layers: int, cfg: AutoencoderKLConfig) -> nn.ModuleList:
+    """num_layers ResnetBlocks without a time input, the first from in_channels."""
+    return nn.ModuleList(
+        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups, eps=EPS,
+                    act=cfg.act_fn)
+        for i in range(num_layers)
+    )
+
+
 class DownEncoderBlock(nn.Module):
     """num_layers ResnetBlocks (no time input), then, except in the last block, a stride-2 conv whose input is
     padded on the right and bottom only (LDM's Downsample; diffusers' downsample_padding=0)."""
@@ -142,11 +152,7 @@ class DownEncoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool,
                  cfg: AutoencoderKLConfig):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups,
-                        eps=EPS, act=cfg.act_fn)
-            for i in range(num_layers)
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, cfg)
         # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
         self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)] if add_downsample else [])
 
@@ -163,11 +169,7 @@ class UpDecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool,
                  cfg: AutoencoderKLConfig):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=cfg.norm_num_groups,
-                        eps=EPS, act=cfg.act_fn)
-            for i in range(num_layers)
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, cfg)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -176,23 +178,12 @@ class UpDecoderBlock(nn.Module):
         return h
 
 
-class MidBlock(nn.Module):
-    """ResnetBlock, single-head self-attention over all h*w latent pixels, ResnetBlock."""
-
-    def __init__(self, channels: int, cfg: AutoencoderKLConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(channels, channels, groups=cfg.norm_num_groups, eps=EPS, act=cfg.act_fn) for _ in range(2)
-        )
-        self.attentions = nn.ModuleList(
-            [Attention(channels, None, groups=cfg.norm_num_groups, eps=EPS)] if cfg.mid_block_add_attention else []
-        )
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.resnets[0](h)
-        for attention in self.attentions:
-            h = attention(h)
-        return self.resnets[1](h)
+def vae_mid_block(channels: int, cfg: AutoencoderKLConfig) -> MidBlock:
+    """The UNet's mid block without a time input: ResnetBlock, single-head self-attention over all h*w latent
+    pixels, ResnetBlock."""
+    resnet = partial(ResnetBlock, groups=cfg.norm_num_groups, eps=EPS, act=cfg.act_fn)
+    attention = partial(Attention, channels, None, groups=cfg.norm_num_groups, eps=EPS)
+    return MidBlock(channels, resnet, attention if cfg.mid_block_add_attention else None)
 
 
 class Encoder(nn.Module):
@@ -206,7 +197,7 @@ class Encoder(nn.Module):
             DownEncoderBlock(channels[max(i - 1, 0)], channels[i], cfg.layers_per_block, i < n - 1, cfg)
             for i in range(n)
         )
-        self.mid_block = MidBlock(channels[-1], cfg)
+        self.mid_block = vae_mid_block(channels[-1], cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[-1], eps=EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
@@ -226,7 +217,7 @@ class Decoder(nn.Module):
         super().__init__()
         rev, n = cfg.block_out_channels[::-1], len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], kernel_size=3, padding=1)
-        self.mid_block = MidBlock(rev[0], cfg)
+        self.mid_block = vae_mid_block(rev[0], cfg)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, i < n - 1, cfg) for i in range(n)
         )
