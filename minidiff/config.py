@@ -150,15 +150,6 @@ def from_json_dict(cls, d: dict, ignore: Iterable[str] = ()):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def is_number(value: object) -> bool:
-    """An int or float (JSON true/false arrive as bool, a subclass of int: not numbers here)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def to_json_dict(config: object) -> dict:
     """A config dataclass -> a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
