@@ -361,8 +361,8 @@ def test_from_dict_rejects_unsupported_features(key, value):
     (dict(attention_head_dim=[5, 10]), "attention_head_dim must be a positive int or a list of 3"),
     (dict(attention_head_dim=65), r"more attention heads than channels .*\(32, 65\)"),
     (dict(down_block_types=("AttnDownBlock2D", CA_DOWN, "DownBlock2D")), "unsupported block type 'AttnDownBlock2D'"),
-    (dict(layers_per_block=[2, 2, 2]), "layers_per_block must be a positive int"),
-    (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), "mid_block_type must be"),
+    (dict(layers_per_block=[2, 2, 2]), r"layers_per_block=\[2, 2, 2\] is not an int"),
+    (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), "mid_block_type='UNetMidBlock2DSimple.* is not one of"),
     (dict(norm_num_groups=24), r"block_out_channels \[32, 64, 64\] are not divisible by norm_num_groups 24"),
 ])  # fmt: skip
 def test_config_validation(change, fragment):

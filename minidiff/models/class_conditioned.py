@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minidiff.config import CLASSES, WIDTH, require, setting, validate
 from minidiff.models.unet import UNet2DConfig, UNet2DModel
 
 
@@ -38,23 +39,19 @@ def digits_unet_config(class_emb_size: int = 4) -> UNet2DConfig:
 
 @dataclass
 class ClassConditionedConfig:
-    num_classes: int = 10
-    class_emb_size: int = 4  # extra input channels carrying the class
+    num_classes: int = setting(10, min=1, max=CLASSES)
+    class_emb_size: int = setting(4, min=1, max=WIDTH)  # extra input channels carrying the class
     unet: UNet2DConfig | None = None  # None: the notebook's digits UNet
     classifier_free: bool = False  # one more embedding row, label num_classes: "no class"
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
             self.unet = UNet2DConfig.from_dict(self.unet)
+        validate(self)
         if self.unet is None:
             self.unet = digits_unet_config(self.class_emb_size)
-        for name in ("num_classes", "class_emb_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"ClassConditionedConfig: {name} must be a positive int, got {value!r}")
-        if self.unet.in_channels <= self.class_emb_size:
-            raise ValueError(f"ClassConditionedConfig: unet.in_channels ({self.unet.in_channels}) must be the "
-                             f"image channels + class_emb_size ({self.class_emb_size})")
+        require(self, self.unet.in_channels > self.class_emb_size, f"unet.in_channels ({self.unet.in_channels}) "
+                f"must be the image channels + class_emb_size ({self.class_emb_size})")
 
 
 class ClassConditionedUNet(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from minidiff.config import from_json_dict
+from minidiff.config import SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.attention import multi_head_attention
 
 
@@ -48,6 +48,96 @@ ACTIVATIONS = {  # transformers' hidden_act names
     "gelu": F.gelu,  # exact (erf) GELU: open_clip ViT-H = the SD 2.x text encoder
     "gelu_new": gelu_new,
 }
+LAYERS = 128  # bound on transformer layers: ViT-L/14 has 12 (text) and 24 (vision), ViT-bigG 32 and 48
+POSITIONS = 65_536  # bound on tokens: 77 (text), 257 (ViT-L/14's vision tower; 577 at 336 px)
+
+
+@dataclass
+class CLIPTextConfig:
+    """Field names and defaults are those of transformers' CLIPTextConfig (config.json)."""
+
+    vocab_size: int = setting(49408, min=1, max=1_000_000)  # bound: 4x the largest LLM vocabularies (~256k)
+    hidden_size: int = setting(512, min=1, max=WIDTH)  # D, the width of every token's state
+    intermediate_size: int = setting(2048, min=1, max=4 * WIDTH)  # the MLP's hidden width
+    projection_dim: int = setting(512, min=1, max=WIDTH)  # CLIPTextModelWithProjection's output width
+    num_hidden_layers: int = setting(12, min=1, max=LAYERS)
+    num_attention_heads: int = setting(8, min=1, max=WIDTH)
+    max_position_embeddings: int = setting(77, min=1, max=POSITIONS)  # the longest sequence (BOS + 75 tokens + EOS)
+    hidden_act: str = setting("quick_gelu", choices=ACTIVATIONS)
+    layer_norm_eps: float = setting(1e-5, above=0)
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407  # 2 in the legacy SD configs, which changes how pooler_output finds the EOS
+
+    def __post_init__(self):
+        validate(self)
+        require(self, self.hidden_size % self.num_attention_heads == 0, f"hidden_size {self.hidden_size} is not a "
+                f"multiple of num_attention_heads {self.num_attention_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+        """From a CLIPTextModel config.json as it is, or the text section of a CLIPModel config.json."""
+        return CLIPConfig.from_dict(d).text_config if _CLIP_MODEL_KEYS & d.keys() else _read_config(cls, d)
+
+
+@dataclass
+class CLIPVisionConfig:
+    """Field names and defaults are those of transformers' CLIPVisionConfig (config.json)."""
+
+    hidden_size: int = setting(768, min=1, max=WIDTH)
+    intermediate_size: int = setting(3072, min=1, max=4 * WIDTH)
+    projection_dim: int = setting(512, min=1, max=WIDTH)  # CLIPVisionModelWithProjection's output width
+    num_hidden_layers: int = setting(12, min=1, max=LAYERS)
+    num_attention_heads: int = setting(12, min=1, max=WIDTH)
+    num_channels: int = setting(3, min=1, max=WIDTH)
+    image_size: int = setting(224, min=1, max=SIDE)  # square input images of this side
+    patch_size: int = setting(32, min=1, max=SIDE)  # one token per patch_size x patch_size patch
+    hidden_act: str = setting("quick_gelu", choices=ACTIVATIONS)
+    layer_norm_eps: float = setting(1e-5, above=0)
+
+    def __post_init__(self):
+        validate(self)
+        require(self, self.hidden_size % self.num_attention_heads == 0, f"hidden_size {self.hidden_size} is not a "
+                f"multiple of num_attention_heads {self.num_attention_heads}")
+        patches = (self.image_size // self.patch_size) ** 2
+        require(self, 1 <= patches < POSITIONS, f"image_size {self.image_size} / patch_size {self.patch_size} gives "
+                f"{patches} patches; need 1 to {POSITIONS - 1}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
+        """From a CLIPVisionModel config.json as it is, or the vision section of a CLIPModel config.json."""
+        return CLIPConfig.from_dict(d).vision_config if _CLIP_MODEL_KEYS & d.keys() else _read_config(cls, d)
+
+
+_CLIP_MODEL_KEYS = {"text_config", "vision_config", "text_config_dict", "vision_config_dict"}  # a CLIPModel config
+
+
+@dataclass
+class CLIPConfig:
+    """transformers' CLIPConfig: both towers, the width of the shared space and the initial logit scale."""
+
+    text_config: CLIPTextConfig
+    vision_config: CLIPVisionConfig
+    projection_dim: int = setting(512, min=1, max=WIDTH)
+    logit_scale_init_value: float = 2.6592  # log(1 / 0.07), the CLIP paper's initial temperature
+
+    def __post_init__(self):
+        validate(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPConfig":
+        """From a CLIPModel config.json as it is. Like transformers, a text_config_dict / vision_config_dict (old
+        hub files: openai/clip-vit-large-patch14) overrides its section as a full config, defaults included: so
+        that model's text tower has eos_token_id 49407, not the 2 its text_config says."""
+        d = dict(d)
+        for name, config_cls in (("text_config", CLIPTextConfig), ("vision_config", CLIPVisionConfig)):
+            section = dict(d.get(name) or {})
+            if f"{name}_dict" in d:
+                section.update(asdict(_read_config(config_cls, d.pop(f"{name}_dict"))))
+            d[name] = _read_config(config_cls, section)
+        return _read_config(cls, d)
+
+
 # transformers' generic PreTrainedConfig fields (bookkeeping, training, text generation): no effect on a forward
 # pass, so from_dict skips them without a warning. Dropout is not implemented (the reference configs set it to 0).
 _GENERIC_KEYS = frozenset("""
@@ -65,92 +155,6 @@ _GENERIC_KEYS = frozenset("""
 def _read_config(cls, d: dict):
     """A config dataclass from a transformers config dict; transformers' generic keys are skipped silently."""
     return from_json_dict(cls, d, ignore=_GENERIC_KEYS)
-
-
-def _validate(config) -> None:
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(f"{type(config).__name__}: hidden_size {config.hidden_size} is not a multiple of "
-                         f"num_attention_heads {config.num_attention_heads}")
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{type(config).__name__}: hidden_act {config.hidden_act!r} is not in {sorted(ACTIVATIONS)}")
-
-
-@dataclass
-class CLIPTextConfig:
-    """Field names and defaults are those of transformers' CLIPTextConfig (config.json)."""
-
-    vocab_size: int = 49408
-    hidden_size: int = 512  # D, the width of every token's state
-    intermediate_size: int = 2048  # the MLP's hidden width
-    projection_dim: int = 512  # CLIPTextModelWithProjection's output width
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77  # the longest sequence (BOS + 75 tokens + EOS)
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 49406
-    eos_token_id: int = 49407  # 2 in the legacy SD configs, which changes how pooler_output finds the EOS
-
-    def __post_init__(self):
-        _validate(self)
-        if not isinstance(self.eos_token_id, int):
-            raise ValueError(f"CLIPTextConfig: eos_token_id must be one int, got {self.eos_token_id!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        """From a CLIPTextModel config.json as it is, or the text section of a CLIPModel config.json."""
-        return CLIPConfig.from_dict(d).text_config if _CLIP_MODEL_KEYS & d.keys() else _read_config(cls, d)
-
-
-@dataclass
-class CLIPVisionConfig:
-    """Field names and defaults are those of transformers' CLIPVisionConfig (config.json)."""
-
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    projection_dim: int = 512  # CLIPVisionModelWithProjection's output width
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224  # square input images of this side
-    patch_size: int = 32  # one token per patch_size x patch_size patch
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        _validate(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
-        """From a CLIPVisionModel config.json as it is, or the vision section of a CLIPModel config.json."""
-        return CLIPConfig.from_dict(d).vision_config if _CLIP_MODEL_KEYS & d.keys() else _read_config(cls, d)
-
-
-_CLIP_MODEL_KEYS = {"text_config", "vision_config", "text_config_dict", "vision_config_dict"}  # a CLIPModel config
-
-
-@dataclass
-class CLIPConfig:
-    """transformers' CLIPConfig: both towers, the width of the shared space and the initial logit scale."""
-
-    text_config: CLIPTextConfig
-    vision_config: CLIPVisionConfig
-    projection_dim: int = 512
-    logit_scale_init_value: float = 2.6592  # log(1 / 0.07), the CLIP paper's initial temperature
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPConfig":
-        """From a CLIPModel config.json as it is. Like transformers, a text_config_dict / vision_config_dict (old
-        hub files: openai/clip-vit-large-patch14) overrides its section as a full config, defaults included: so
-        that model's text tower has eos_token_id 49407, not the 2 its text_config says."""
-        d = dict(d)
-        for name, config_cls in (("text_config", CLIPTextConfig), ("vision_config", CLIPVisionConfig)):
-            section = dict(d.get(name) or {})
-            if f"{name}_dict" in d:
-                section.update(asdict(_read_config(config_cls, d.pop(f"{name}_dict"))))
-            d[name] = _read_config(config_cls, section)
-        return _read_config(cls, d)
 
 
 class CLIPAttention(nn.Module):

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from minidiff.config import from_json_dict, is_number, is_positive_int, require
+from minidiff.config import CLASSES, DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.layers import ACTIVATIONS, Attention, TimestepEmbedding, timestep_embedding
 from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
 
@@ -29,51 +29,42 @@ from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
 class UNet2DConfig:
     """Field names and defaults are those of diffusers' UNet2DModel config.json."""
 
-    sample_size: int | tuple[int, int] | None = None  # training resolution; other sizes run too
-    in_channels: int = 3
-    out_channels: int = 3
+    sample_size: int | tuple[int, int] | None = setting(None, min=1, max=SIDE)  # training size; others run too
+    in_channels: int = setting(3, min=1, max=WIDTH)
+    out_channels: int = setting(3, min=1, max=WIDTH)
     center_input_sample: bool = False  # map input x to 2x - 1 first
-    time_embedding_type: str = "positional"  # sinusoidal; "fourier" and "learned" are not supported
-    time_embedding_dim: int | None = None  # None: 4 * block_out_channels[0]
-    freq_shift: float = 0  # google/ddpm-*: 1
+    time_embedding_type: str = setting("positional", choices=("positional",))  # sinusoidal
+    time_embedding_dim: int | None = setting(None, min=1, max=4 * WIDTH)  # None: 4 * block_out_channels[0]
+    freq_shift: float = setting(0, min=0)  # google/ddpm-*: 1
     flip_sin_to_cos: bool = True  # google/ddpm-*: False ([sin, cos])
     down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
-    mid_block_type: str | None = "UNetMidBlock2D"  # None: no mid block
+    mid_block_type: str | None = setting("UNetMidBlock2D", choices=("UNetMidBlock2D", None))  # None: no mid block
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
-    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
-    layers_per_block: int = 2  # ResnetBlocks per down block; up blocks have one more
-    mid_block_scale_factor: float = 1.0  # mid resnets and attention divide their output by this
-    downsample_padding: int = 1  # 0: pad right/bottom only (google/ddpm-*)
-    downsample_type: str = "conv"
-    upsample_type: str = "conv"
-    dropout: float = 0.0
+    block_out_channels: tuple[int, ...] = setting((224, 448, 672, 896), min=1, max=WIDTH, max_len=LEVELS)
+    layers_per_block: int = setting(2, min=1, max=DEPTH)  # ResnetBlocks per down block; up blocks have one more
+    mid_block_scale_factor: float = setting(1.0, above=0)  # mid resnets and attention divide their output by this
+    downsample_padding: int = setting(1, choices=(0, 1))  # 0: pad right/bottom only (google/ddpm-*)
+    downsample_type: str = setting("conv", choices=("conv",))
+    upsample_type: str = setting("conv", choices=("conv",))
+    dropout: float = setting(0.0, min=0, below=1)
     act_fn: str = "silu"  # ResnetBlocks only; the time MLP and the output use SiLU regardless
-    attention_head_dim: int | None = 8  # channels per head; None: one head. A config without the key gets 8
-    norm_num_groups: int = 32
-    attn_norm_num_groups: int | None = None  # mid-block attention GroupNorm; None: norm_num_groups
-    norm_eps: float = 1e-5
-    resnet_time_scale_shift: str = "default"  # "scale_shift" is not supported
+    attention_head_dim: int | None = setting(8, min=1, max=WIDTH)  # channels per head; None: one head
+    norm_num_groups: int = setting(32, min=1, max=WIDTH)
+    attn_norm_num_groups: int | None = setting(None, min=1, max=WIDTH)  # mid-block attention; None: norm_num_groups
+    norm_eps: float = setting(1e-5, above=0)
+    resnet_time_scale_shift: str = setting("default", choices=("default",))  # "scale_shift" is not supported
     add_attention: bool = True  # attention in the mid block
-    class_embed_type: str | None = None  # None (nn.Embedding if num_class_embeds), "timestep", "identity"
-    num_class_embeds: int | None = None
+    class_embed_type: str | None = setting(None, choices=(None, "timestep", "identity"))  # None: see num_class_embeds
+    num_class_embeds: int | None = setting(None, min=1, max=CLASSES)  # an nn.Embedding of labels (if no type)
     num_train_timesteps: int | None = None  # only used by "learned" time embeddings; ignored
 
     def __post_init__(self):
-        for name in ("down_block_types", "up_block_types", "block_out_channels"):
-            setattr(self, name, tuple(getattr(self, name)))
-        if isinstance(self.sample_size, list):
-            self.sample_size = tuple(self.sample_size)
+        validate(self)
         # diffusers accepts the old block names "UNetResDownBlock2D", ... for the same blocks.
         self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
         self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
-        self._validate()
-
-    def _validate(self) -> None:
         need = partial(require, self)
-
         channels = self.block_out_channels
-        need(len(channels) > 0 and all(is_positive_int(c) for c in channels),
-             f"block_out_channels must be positive ints, got {channels}")
         need(len(self.down_block_types) == len(channels) == len(self.up_block_types),
              f"down_block_types, block_out_channels and up_block_types must have the same length, got "
              f"{len(self.down_block_types)}, {len(channels)}, {len(self.up_block_types)}")
@@ -82,35 +73,7 @@ class UNet2DConfig:
                  f"unsupported block type {kind!r}; minidiff's pixel UNet has (Attn)DownBlock2D, (Attn)UpBlock2D")
         need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
              f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
-        need(self.mid_block_type in ("UNetMidBlock2D", None),
-             f"mid_block_type must be 'UNetMidBlock2D' or null, got {self.mid_block_type!r}")
-        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-            need(is_positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"):
-            value = getattr(self, name)
-            need(value is None or is_positive_int(value), f"{name} must be a positive int or null, got {value!r}")
-        for name in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
-            value = getattr(self, name)
-            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
-        for name in ("norm_eps", "mid_block_scale_factor"):
-            value = getattr(self, name)
-            need(is_number(value) and value > 0, f"{name} must be > 0, got {value!r}")
-        need(is_number(self.freq_shift) and self.freq_shift >= 0,
-             f"freq_shift must be a number >= 0, got {self.freq_shift!r}")
-        need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-             f"dropout must be in [0, 1), got {self.dropout!r}")
-        need(self.time_embedding_type == "positional", f"time_embedding_type {self.time_embedding_type!r} is "
-             "not supported; minidiff implements 'positional' (sinusoidal) only")
-        need(self.resnet_time_scale_shift == "default", "resnet_time_scale_shift "
-             f"{self.resnet_time_scale_shift!r} is not supported; minidiff implements 'default' only")
-        need(self.downsample_type == "conv", f"downsample_type must be 'conv', got {self.downsample_type!r}")
-        need(self.upsample_type == "conv", f"upsample_type must be 'conv', got {self.upsample_type!r}")
-        need(self.downsample_padding in (0, 1), f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
-        need(isinstance(self.act_fn, str) and self.act_fn.lower() in ACTIVATIONS,
-             f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
-        need(self.class_embed_type in (None, "timestep", "identity"),
-             f"class_embed_type {self.class_embed_type!r} is not supported; use null, 'timestep' or 'identity'")
-
+        need(self.act_fn.lower() in ACTIVATIONS, f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
         bad = [c for c in channels if c % self.norm_num_groups]
         need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
         attn_groups = self.attn_norm_num_groups or self.norm_num_groups

@@ -22,10 +22,97 @@ from functools import partial
 import torch
 from torch import nn
 
-from minidiff.config import from_json_dict, is_positive_int, require
+from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.layers import ACTIVATIONS, TimestepEmbedding, activation, timestep_embedding
 from minidiff.models.transformer import Transformer2D
 from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
+
+
+@dataclass
+class UNet2DConditionConfig:
+    """Field names and defaults are those of diffusers' UNet2DConditionModel config.json."""
+
+    sample_size: int | tuple[int, int] | None = setting(None, min=1, max=SIDE)  # latents (64: 512 px); others run too
+    in_channels: int = setting(4, min=1, max=WIDTH)  # 9 for inpainting: latents + mask + masked-image latents
+    out_channels: int = setting(4, min=1, max=WIDTH)
+    center_input_sample: bool = False  # map the input x to 2x - 1 first
+    flip_sin_to_cos: bool = True  # SD: [cos, sin]
+    freq_shift: float = setting(0, min=0)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = setting("UNetMidBlock2DCrossAttn", choices=("UNetMidBlock2DCrossAttn", None))
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = setting((320, 640, 1280, 1280), min=1, max=WIDTH, max_len=LEVELS)
+    layers_per_block: int = setting(2, min=1, max=DEPTH)  # ResnetBlocks per down block; up blocks have one more
+    downsample_padding: int = setting(1, choices=(0, 1))
+    mid_block_scale_factor: float = setting(1.0, above=0)  # the mid ResnetBlocks divide their output by this
+    dropout: float = setting(0.0, min=0, below=1)  # in the ResnetBlocks only
+    act_fn: str = "silu"  # ResnetBlocks, the time MLP and the output
+    norm_num_groups: int = setting(32, min=1, max=WIDTH)
+    norm_eps: float = setting(1e-5, above=0)  # ResnetBlocks and the output norm (Transformer2D's GroupNorm: 1e-6)
+    cross_attention_dim: int = setting(1280, min=1, max=WIDTH)  # text token width: 768 (SD 1.x), 1024 (SD 2.x)
+    # BasicTransformerBlocks per Transformer2D, an int or one per down block (SDXL: up to 10)
+    transformer_layers_per_block: int | tuple[int, ...] = setting(1, min=1, max=64)
+    # NAMING BUG kept from diffusers: for this model "attention_head_dim" is the number of HEADS per block,
+    # an int or one per down block (SD 1.x: 8; SD 2.x: [5, 10, 20, 20], i.e. 64 channels per head).
+    attention_head_dim: int | tuple[int, ...] = setting(8, min=1, max=WIDTH)
+    # The correctly named field; when given it wins over attention_head_dim. diffusers 0.42 refuses it with a
+    # ValueError (naming issue #2011), so no diffusers config.json sets it.
+    num_attention_heads: int | tuple[int, ...] | None = setting(None, min=1, max=WIDTH)
+    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    upcast_attention: bool = False  # accepted and ignored, as by diffusers' SDPA processor (transformer.py)
+    time_embedding_dim: int | None = setting(None, min=1, max=4 * WIDTH)  # None: 4 * block_out_channels[0]
+
+    def __post_init__(self):
+        validate(self)
+        self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
+        self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
+        need = partial(require, self)
+        channels = self.block_out_channels
+        need(len(self.down_block_types) == len(channels) == len(self.up_block_types), "down_block_types, "
+             f"block_out_channels and up_block_types must have the same length, got {len(self.down_block_types)}, "
+             f"{len(channels)}, {len(self.up_block_types)}")
+        for kind in self.down_block_types + self.up_block_types:
+            need(kind in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 f"unsupported block type {kind!r}; minidiff has (CrossAttn)DownBlock2D and (CrossAttn)UpBlock2D")
+        need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
+             f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
+        for name in ("transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+            value = getattr(self, name)
+            need(not isinstance(value, tuple) or len(value) == len(channels), f"{name} must be a positive int or a "
+                 f"list of {len(channels)} (one per down block), got {value!r}")
+        need(self.act_fn.lower() in ACTIVATIONS, f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
+        bad = [c for c in channels if c % self.norm_num_groups]
+        need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        wide = [(c, h) for c, h in zip(channels, self.heads, strict=True) if h > c]
+        need(not wide, f"more attention heads than channels (channels, heads): {wide}; for this model "
+             "attention_head_dim is the number of heads")
+
+    def per_block(self, name: str) -> tuple[int, ...]:
+        """An int-or-list field as one value per down block (up blocks use it reversed, the mid block [-1])."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """Attention heads per down block: num_attention_heads if given, else attention_head_dim (see above)."""
+        return self.per_block("num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNet2DConditionConfig":
+        """Build from a diffusers UNet2DConditionModel config.json dict, as it is.
+
+        Keys starting with "_" are dropped; an option in UNSUPPORTED set to anything but "off" raises a
+        ValueError naming it; other unknown keys are ignored with a warning naming them.
+        """
+        for name, off in UNSUPPORTED.items():
+            value = d.get(name, off[0])
+            values = value if isinstance(value, list | tuple) else [value]  # per-block lists: all must be off
+            if not all(v in off for v in values):
+                raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not supported (minidiff implements "
+                                 f"the SD 1.x/2.x UNet, where it is {off[0]!r})")
+        # UNSUPPORTED options are checked above; addition_embed_type_num_heads is read only with addition_embed_type
+        return from_json_dict(cls, d, ignore={*UNSUPPORTED, "addition_embed_type_num_heads"})
+
 
 # diffusers UNet2DConditionModel options that SD 1.x/2.x leave off, with the values that mean "off". A
 # config.json that turns one on describes a model minidiff does not implement (SDXL, unCLIP, LCM, ...).
@@ -54,124 +141,6 @@ UNSUPPORTED = {
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
 }
-
-
-@dataclass
-class UNet2DConditionConfig:
-    """Field names and defaults are those of diffusers' UNet2DConditionModel config.json."""
-
-    sample_size: int | tuple[int, int] | None = None  # latent training size (64: 512 px); others run too
-    in_channels: int = 4  # 9 for inpainting: latents + mask + masked-image latents
-    out_channels: int = 4
-    center_input_sample: bool = False  # map the input x to 2x - 1 first
-    flip_sin_to_cos: bool = True  # SD: [cos, sin]
-    freq_shift: float = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # None: no mid block
-    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int = 2  # ResnetBlocks per down block; up blocks have one more
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0  # the mid ResnetBlocks divide their output by this
-    dropout: float = 0.0  # in the ResnetBlocks only
-    act_fn: str = "silu"  # ResnetBlocks, the time MLP and the output
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5  # ResnetBlocks and the output norm (Transformer2D's GroupNorm is fixed at 1e-6)
-    cross_attention_dim: int = 1280  # width of the text tokens: 768 (CLIP ViT-L, SD 1.x), 1024 (OpenCLIP, SD 2.x)
-    transformer_layers_per_block: int | tuple[int, ...] = 1  # BasicTransformerBlocks per Transformer2D
-    # NAMING BUG kept from diffusers: for this model "attention_head_dim" is the number of HEADS per block,
-    # an int or one per down block (SD 1.x: 8; SD 2.x: [5, 10, 20, 20], i.e. 64 channels per head).
-    attention_head_dim: int | tuple[int, ...] = 8
-    # The correctly named field; when given it wins over attention_head_dim. diffusers 0.42 refuses it with a
-    # ValueError (naming issue #2011), so no diffusers config.json sets it.
-    num_attention_heads: int | tuple[int, ...] | None = None
-    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
-    upcast_attention: bool = False  # accepted and ignored, as by diffusers' SDPA processor (transformer.py)
-    time_embedding_dim: int | None = None  # None: 4 * block_out_channels[0]
-
-    def __post_init__(self):
-        for name in ("down_block_types", "up_block_types", "block_out_channels"):
-            setattr(self, name, tuple(getattr(self, name)))
-        for name in ("sample_size", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
-            if isinstance(getattr(self, name), list):
-                setattr(self, name, tuple(getattr(self, name)))
-        self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
-        self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
-        self._validate()
-
-    def per_block(self, name: str) -> tuple[int, ...]:
-        """An int-or-list field as one value per down block (up blocks use it reversed, the mid block [-1])."""
-        value = getattr(self, name)
-        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
-
-    @property
-    def heads(self) -> tuple[int, ...]:
-        """Attention heads per down block: num_attention_heads if given, else attention_head_dim (see above)."""
-        return self.per_block("num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim")
-
-    def _validate(self) -> None:
-        need = partial(require, self)
-
-        def ints(value: object, per_block: bool = False) -> bool:  # positive int(s), one per block if a list
-            values = value if per_block and isinstance(value, tuple) else (value,)
-            n_ok = not isinstance(value, tuple) or len(value) == len(self.block_out_channels)
-            return n_ok and all(is_positive_int(v) for v in values)
-
-        channels = self.block_out_channels
-        need(len(channels) > 0 and all(ints(c) for c in channels), f"block_out_channels must be positive ints, "
-             f"got {channels}")
-        need(len(self.down_block_types) == len(channels) == len(self.up_block_types), "down_block_types, "
-             f"block_out_channels and up_block_types must have the same length, got {len(self.down_block_types)}, "
-             f"{len(channels)}, {len(self.up_block_types)}")
-        for kind in self.down_block_types + self.up_block_types:
-            need(kind in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 f"unsupported block type {kind!r}; minidiff has (CrossAttn)DownBlock2D and (CrossAttn)UpBlock2D")
-        need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
-             f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
-        need(self.mid_block_type in ("UNetMidBlock2DCrossAttn", None),
-             f"mid_block_type must be 'UNetMidBlock2DCrossAttn' or null, got {self.mid_block_type!r}")
-        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "cross_attention_dim"):
-            need(ints(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("transformer_layers_per_block", "attention_head_dim"):
-            need(ints(getattr(self, name), per_block=True), f"{name} must be a positive int or a list of "
-                 f"{len(channels)} (one per down block), got {getattr(self, name)!r}")
-        need(self.num_attention_heads is None or ints(self.num_attention_heads, per_block=True), "num_attention_"
-             f"heads must be null, a positive int or a list of {len(channels)}, got {self.num_attention_heads!r}")
-        need(self.time_embedding_dim is None or ints(self.time_embedding_dim),
-             f"time_embedding_dim must be a positive int or null, got {self.time_embedding_dim!r}")
-        for name in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("norm_eps", "mid_block_scale_factor"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and value > 0, f"{name} must be > 0, got {value!r}")
-        need(isinstance(self.freq_shift, (int, float)) and self.freq_shift >= 0,
-             f"freq_shift must be a number >= 0, got {self.freq_shift!r}")
-        need(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-             f"dropout must be in [0, 1), got {self.dropout!r}")
-        need(self.downsample_padding in (0, 1), f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
-        need(isinstance(self.act_fn, str) and self.act_fn.lower() in ACTIVATIONS,
-             f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
-        bad = [c for c in channels if c % self.norm_num_groups]
-        need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
-        wide = [(c, h) for c, h in zip(channels, self.heads, strict=True) if h > c]
-        need(not wide, f"more attention heads than channels (channels, heads): {wide}; for this model "
-             "attention_head_dim is the number of heads")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNet2DConditionConfig":
-        """Build from a diffusers UNet2DConditionModel config.json dict, as it is.
-
-        Keys starting with "_" are dropped; an option in UNSUPPORTED set to anything but "off" raises a
-        ValueError naming it; other unknown keys are ignored with a warning naming them.
-        """
-        for name, off in UNSUPPORTED.items():
-            value = d.get(name, off[0])
-            values = value if isinstance(value, list | tuple) else [value]  # per-block lists: all must be off
-            if not all(v in off for v in values):
-                raise ValueError(f"UNet2DConditionConfig: {name}={value!r} is not supported (minidiff implements "
-                                 f"the SD 1.x/2.x UNet, where it is {off[0]!r})")
-        # UNSUPPORTED options are checked above; addition_embed_type_num_heads is read only with addition_embed_type
-        return from_json_dict(cls, d, ignore={*UNSUPPORTED, "addition_embed_type_num_heads"})
 
 
 class UNet2DConditionModel(UNetSkeleton):

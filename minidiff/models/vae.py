@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from minidiff.config import from_json_dict, is_number, is_positive_int, require
+from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, Upsample
 from minidiff.models.unet_blocks import MidBlock
 from minidiff.noise import Generator, randn_tensor
@@ -38,18 +38,19 @@ class AutoencoderKLConfig:
     """Field names and defaults are those of diffusers' AutoencoderKL config.json (SD 1.x/2.x: four blocks
     of (128, 256, 512, 512), layers_per_block 2, as in shared/reference_configs)."""
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    block_out_channels: tuple[int, ...] = (64,)  # each block but the last halves H and W
-    layers_per_block: int = 1  # ResnetBlocks per encoder block; decoder blocks have one more
+    in_channels: int = setting(3, min=1, max=WIDTH)
+    out_channels: int = setting(3, min=1, max=WIDTH)
+    down_block_types: tuple[str, ...] = setting(("DownEncoderBlock2D",), choices=("DownEncoderBlock2D",))
+    up_block_types: tuple[str, ...] = setting(("UpDecoderBlock2D",), choices=("UpDecoderBlock2D",))
+    # each block but the last halves H and W
+    block_out_channels: tuple[int, ...] = setting((64,), min=1, max=WIDTH, max_len=LEVELS)
+    layers_per_block: int = setting(1, min=1, max=DEPTH)  # ResnetBlocks per encoder block; decoder blocks have one more
     act_fn: str = "silu"  # ResnetBlocks only; the output activation is SiLU regardless
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int | tuple[int, int] = 32  # training resolution; other sizes run too
+    latent_channels: int = setting(4, min=1, max=WIDTH)
+    norm_num_groups: int = setting(32, min=1, max=WIDTH)
+    sample_size: int | tuple[int, int] = setting(32, min=1, max=SIDE)  # training resolution; other sizes run too
     # The next five are for the pipelines; the model itself never reads them.
-    scaling_factor: float = 0.18215  # latents = sample * scaling_factor (see the module docstring)
+    scaling_factor: float = setting(0.18215, above=0)  # latents = sample * scaling_factor (see the module docstring)
     shift_factor: float | None = None  # SD3/Flux subtract it before scaling; SD 1.x/2.x: None
     latents_mean: tuple[float, ...] | None = None  # per-channel latent statistics (playground); SD: None
     latents_std: tuple[float, ...] | None = None
@@ -59,47 +60,19 @@ class AutoencoderKLConfig:
     mid_block_add_attention: bool = True  # self-attention in both mid blocks
 
     def __post_init__(self):
-        for name in ("down_block_types", "up_block_types", "block_out_channels"):
-            setattr(self, name, tuple(getattr(self, name)))
-        for name in ("sample_size", "latents_mean", "latents_std"):
-            if isinstance(getattr(self, name), list):
-                setattr(self, name, tuple(getattr(self, name)))
-        self._validate()
-
-    def _validate(self) -> None:
+        validate(self)
         need = partial(require, self)
-
         channels = self.block_out_channels
-        need(len(channels) > 0 and all(is_positive_int(c) for c in channels),
-             f"block_out_channels must be positive ints, got {channels}")
         need(len(self.down_block_types) == len(channels) == len(self.up_block_types),
              f"down_block_types, block_out_channels and up_block_types must have the same length, got "
              f"{len(self.down_block_types)}, {len(channels)}, {len(self.up_block_types)}")
-        need(all(k == "DownEncoderBlock2D" for k in self.down_block_types),
-             f"down_block_types must all be 'DownEncoderBlock2D', got {self.down_block_types}")
-        need(all(k == "UpDecoderBlock2D" for k in self.up_block_types),
-             f"up_block_types must all be 'UpDecoderBlock2D', got {self.up_block_types}")
-        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
-            need(is_positive_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
         bad = [c for c in channels if c % self.norm_num_groups]
         need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
-        need(isinstance(self.act_fn, str) and self.act_fn.lower() in ACTIVATIONS,
-             f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
-        size = self.sample_size
-        need(is_positive_int(size) or (isinstance(size, tuple) and len(size) == 2 and all(map(is_positive_int, size))),
-             f"sample_size must be a positive int or a pair of them, got {size!r}")
-        need(is_number(self.scaling_factor) and self.scaling_factor > 0,
-             f"scaling_factor must be > 0, got {self.scaling_factor!r}")
-        need(self.shift_factor is None or is_number(self.shift_factor),
-             f"shift_factor must be a number or null, got {self.shift_factor!r}")
+        need(self.act_fn.lower() in ACTIVATIONS, f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, tuple) and len(value) == self.latent_channels
-                                   and all(map(is_number, value))),
+            need(value is None or len(value) == self.latent_channels,
                  f"{name} must be null or {self.latent_channels} numbers (one per latent channel), got {value!r}")
-        for name in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-            value = getattr(self, name)
-            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderKLConfig":

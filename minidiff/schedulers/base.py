@@ -21,41 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from minidiff.config import require, setting, validate
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-
-# Keys that other diffusers schedulers write into scheduler_config.json (SD ships a PNDM config, for instance).
-# A scheduler keeps them in its .config without using them, silently, as diffusers does, so that the next swap
-# (DDIMScheduler.from_config(pndm.config)) still finds them.
-OTHER_SCHEDULER_KEYS = {
-    "skip_prk_steps", "set_alpha_to_one", "variance_type", "use_karras_sigmas", "use_exponential_sigmas",
-    "use_beta_sigmas", "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type",
-    "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "lambda_min_clipped",
-    "use_lu_lambdas", "use_flow_sigmas", "flow_shift", "predict_x0", "solver_p", "disable_corrector",
-    "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-    "rescale_betas_zero_snr",
-}
-
-
-class FrozenConfig(dict):
-    """A scheduler's whole config, read as a dict or by attribute (config["clip_sample"], config.clip_sample):
-    its own settings, every other key it was built from (other schedulers' included, kept verbatim), and
-    "_use_default_values", the settings it was not given, which the next from_config leaves to its own defaults.
-    Frozen: a change is a new scheduler, Scheduler.from_config(config, **changes)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def _frozen(self, *args, **kwargs):
-        raise TypeError("a scheduler's config is frozen: build a new one with from_config(config, **changes)")
-
-    __setattr__ = __setitem__ = __delitem__ = update = pop = setdefault = _frozen
-
+MAX_TIMESTEPS = 100_000  # T: 1000 in every hub scheduler_config.json, 4000 in Nichol & Dhariwal 2021
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. The forward process
@@ -89,42 +60,25 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 class NoiseScheduleConfig:
     """The fields every diffusers scheduler_config.json shares, with diffusers' defaults."""
 
-    num_train_timesteps: int = 1000  # T, the length of the forward process
+    num_train_timesteps: int = setting(1000, min=1, max=MAX_TIMESTEPS)  # T, the length of the forward process
     beta_start: float = 0.0001  # beta_1 (linear schedules)
     beta_end: float = 0.02  # beta_T (linear schedules)
-    beta_schedule: str = "linear"  # one of BETA_SCHEDULES; "scaled_linear" is Stable Diffusion's
-    trained_betas: list[float] | None = None  # an explicit beta_1..beta_T, overriding the schedule
-    prediction_type: str = "epsilon"  # what the network outputs: one of PREDICTION_TYPES
-    timestep_spacing: str = "leading"  # how N sampling steps are picked from T: one of TIMESTEP_SPACINGS
-    steps_offset: int = 0  # added to every "leading" timestep (Stable Diffusion uses 1)
+    beta_schedule: str = setting("linear", choices=BETA_SCHEDULES)  # "scaled_linear" is Stable Diffusion's
+    # an explicit beta_1..beta_T, overriding the schedule
+    trained_betas: list[float] | np.ndarray | torch.Tensor | None = None
+    prediction_type: str = setting("epsilon", choices=PREDICTION_TYPES)  # what the network outputs
+    timestep_spacing: str = setting("leading", choices=TIMESTEP_SPACINGS)  # how N sampling steps are picked from T
+    steps_offset: int = setting(0, min=0, max=MAX_TIMESTEPS)  # added to every "leading" timestep (SD uses 1)
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "bool":
-                ok = isinstance(value, bool)
-            elif field.type == "int":
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif field.type == "float":
-                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            elif field.type == "str":
-                ok = isinstance(value, str)
-            else:  # trained_betas
-                sequence = isinstance(value, list | tuple | np.ndarray | torch.Tensor)
-                ok = value is None or (sequence and len(value) == self.num_train_timesteps)
-            if not ok:
-                raise ValueError(f"{name}: {field.name}={value!r} has the wrong type or length")
-        choices = {"beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
-                   "timestep_spacing": TIMESTEP_SPACINGS, "variance_type": VARIANCE_TYPES}
-        for key, allowed in choices.items():
-            if hasattr(self, key) and getattr(self, key) not in allowed:
-                raise ValueError(f"{name}: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.num_train_timesteps < 1 or self.steps_offset < 0:
-            raise ValueError(f"{name}: num_train_timesteps must be >= 1 and steps_offset >= 0")
-        linear = self.beta_schedule in ("linear", "scaled_linear") and self.trained_betas is None
-        if linear and not (0 < self.beta_start <= self.beta_end < 1):
-            raise ValueError(f"{name}: need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        validate(self)
+        T, betas = self.num_train_timesteps, self.trained_betas
+        if betas is not None:
+            require(self, len(betas) == T, f"trained_betas has {len(betas)} entries; num_train_timesteps={T} "
+                    "needs one per step")
+        linear = self.beta_schedule in ("linear", "scaled_linear") and betas is None
+        require(self, not linear or 0 < self.beta_start <= self.beta_end < 1,
+                f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
 
 @dataclass
@@ -132,17 +86,11 @@ class X0Config(NoiseScheduleConfig):
     """A DDPM/DDIM scheduler_config.json: the shared fields plus what to do with the predicted x_0."""
 
     clip_sample: bool = True  # clamp the predicted x_0 to [-clip_sample_range, clip_sample_range]
-    clip_sample_range: float = 1.0
+    clip_sample_range: float = setting(1.0, above=0)
     thresholding: bool = False  # dynamic thresholding of x_0 (replaces clip_sample when on)
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+    dynamic_thresholding_ratio: float = setting(0.995, above=0, max=1)
+    sample_max_value: float = setting(1.0, above=0)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2024
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (0 < self.dynamic_thresholding_ratio <= 1) or self.clip_sample_range <= 0 or self.sample_max_value <= 0:
-            raise ValueError(f"{type(self).__name__}: need 0 < dynamic_thresholding_ratio <= 1, clip_sample_range > 0 "
-                             "and sample_max_value > 0")
 
 
 def make_betas(config: NoiseScheduleConfig) -> torch.Tensor:
@@ -191,6 +139,37 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 class SchedulerOutput:
     prev_sample: torch.Tensor  # x_{t-1}
     pred_original_sample: torch.Tensor  # the x_0 predicted at this step (after clipping or thresholding)
+
+
+# Keys that other diffusers schedulers write into scheduler_config.json (SD ships a PNDM config, for instance).
+# A scheduler keeps them in its .config without using them, silently, as diffusers does, so that the next swap
+# (DDIMScheduler.from_config(pndm.config)) still finds them.
+OTHER_SCHEDULER_KEYS = {
+    "skip_prk_steps", "set_alpha_to_one", "variance_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type",
+    "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "lambda_min_clipped",
+    "use_lu_lambdas", "use_flow_sigmas", "flow_shift", "predict_x0", "solver_p", "disable_corrector",
+    "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "rescale_betas_zero_snr",
+}
+
+
+class FrozenConfig(dict):
+    """A scheduler's whole config, read as a dict or by attribute (config["clip_sample"], config.clip_sample):
+    its own settings, every other key it was built from (other schedulers' included, kept verbatim), and
+    "_use_default_values", the settings it was not given, which the next from_config leaves to its own defaults.
+    Frozen: a change is a new scheduler, Scheduler.from_config(config, **changes)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("a scheduler's config is frozen: build a new one with from_config(config, **changes)")
+
+    __setattr__ = __setitem__ = __delitem__ = update = pop = setdefault = _frozen
 
 
 class Scheduler:

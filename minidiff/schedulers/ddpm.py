@@ -10,13 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+from minidiff.config import setting
 from minidiff.noise import Generator, randn_tensor
 from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, spaced_timesteps
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 @dataclass
 class DDPMConfig(X0Config):
-    variance_type: str = "fixed_small"  # sigma_t^2 of the reverse step: one of VARIANCE_TYPES
+    variance_type: str = setting("fixed_small", choices=VARIANCE_TYPES)  # sigma_t^2 of the reverse step
 
 
 class DDPMScheduler(Scheduler):

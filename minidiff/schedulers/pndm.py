@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from minidiff.config import setting
 from minidiff.schedulers.base import NoiseScheduleConfig, Scheduler, SchedulerOutput, spaced_timesteps
 
 
@@ -26,11 +27,7 @@ from minidiff.schedulers.base import NoiseScheduleConfig, Scheduler, SchedulerOu
 class PNDMConfig(NoiseScheduleConfig):
     skip_prk_steps: bool = False  # True (Stable Diffusion): a 2-evaluation warm-up instead of Runge-Kutta
     set_alpha_to_one: bool = False  # alpha_bar "before" the first step: 1, or alpha_bar_1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"PNDMConfig: prediction_type={self.prediction_type!r} must be epsilon or v_prediction")
+    prediction_type: str = setting("epsilon", choices=("epsilon", "v_prediction"))  # no "sample", as in diffusers
 
 
 class PNDMScheduler(Scheduler):
