@@ -32,7 +32,7 @@ from torch import nn
 from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
 from minidiff.pipelines.guidance import classifier_free_guidance
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from minidiff.schedulers import Scheduler
 
 Prompt = str | list[str]
 
@@ -141,11 +141,7 @@ class StableDiffusion:
                 generator: Generator = None) -> Iterator[torch.Tensor]:
         """Yield the latents after every scheduler step."""
         scheduler, latents = self.scheduler, run.latents
-        step_kwargs = {}
-        if isinstance(scheduler, DDIMScheduler | DDPMScheduler):  # stochastic steps take the generator
-            step_kwargs["generator"] = generator
-        if isinstance(scheduler, DDIMScheduler):
-            step_kwargs["eta"] = eta
+        ddim_eta = {"eta": eta} if eta else {}  # DDIM's knob: passed only when set (0 is DDIM's default)
         for i, t in enumerate(run.timesteps):
             model_input = torch.cat([latents] * 2) if run.do_cfg else latents  # one batch: [uncond, cond]
             model_input = scheduler.scale_model_input(model_input, t)
@@ -158,7 +154,7 @@ class StableDiffusion:
                 noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
                 if guidance_rescale > 0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, **ddim_eta).prev_sample
             if run.image_latents is not None:  # blended inpainting: keep the known region at the next noise level
                 known = run.image_latents
                 if i < len(run.timesteps) - 1:

@@ -28,6 +28,11 @@ class DDPMScheduler(Scheduler):
         super().__init__(**config)
         self.custom_timesteps = False
 
+    @property
+    def default_num_inference_steps(self) -> int:
+        """All T training steps, as diffusers' DDPMPipeline runs them (the chain the model was trained on)."""
+        return self.config.num_train_timesteps
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,

@@ -1,0 +1,87 @@
+"""The contracts that let the pipelines and train.py stay ignorant of what they hold.
+
+1. Every scheduler has one step signature, step(model_output, t, sample, generator=None, ...), and says its own
+   default step count, so no pipeline, training mode or CLI asks which scheduler it was given (checked from the
+   source: no isinstance or issubclass on a scheduler class).
+2. StableDiffusion's __call__ picks the mode from diffusers' argument names: image and mask_image -> inpaint,
+   image -> img2img, neither -> txt2img; contradictory arguments are a ValueError naming them.
+"""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidiff.models.unet import UNet2DConfig, UNet2DModel
+from minidiff.pipelines.pixel import PixelPipeline
+from minidiff.schedulers import SCHEDULERS
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULER_BLIND = ["minidiff/pipelines", "minidiff/training", "train.py", "sample.py"]
+
+
+def scheduler_type_checks(root: Path) -> list[str]:
+    """'file:line' of every isinstance/issubclass whose class argument names a *Scheduler class."""
+    files = [p for entry in SCHEDULER_BLIND for p in sorted((root / entry).rglob("*.py")) + [root / entry]
+             if p.is_file()]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+                names = [n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node.args[1])
+                         if isinstance(n, ast.Name | ast.Attribute)]
+                if any(name.endswith("Scheduler") for name in names):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_no_code_asks_which_scheduler_it_holds():
+    assert scheduler_type_checks(ROOT) == []
+
+
+def test_the_check_finds_a_scheduler_type_test(tmp_path):
+    """The check above can fail: each way of writing the test is found."""
+    (tmp_path / "minidiff" / "pipelines").mkdir(parents=True)
+    (tmp_path / "minidiff" / "pipelines" / "p.py").write_text(
+        "a = isinstance(s, DDIMScheduler)\nb = isinstance(s, (PNDMScheduler, int))\n"
+        "c = isinstance(s, schedulers.DDPMScheduler | DDIMScheduler)\nd = isinstance(s, int)\n")
+    (tmp_path / "sample.py").write_text("e = issubclass(type(s), LMSDiscreteScheduler)\n")
+    assert scheduler_type_checks(tmp_path) == ["minidiff/pipelines/p.py:1", "minidiff/pipelines/p.py:2",
+                                               "minidiff/pipelines/p.py:3", "sample.py:1"]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_steps_with_a_generator(name):
+    """The same loop runs every scheduler: set_timesteps, init_noise_sigma, scale_model_input, step(..., generator=)
+    with the generator as a keyword; the default step count is a number the scheduler gives."""
+    scheduler = SCHEDULERS[name]()
+    assert "generator" in inspect.signature(scheduler.step).parameters
+    assert scheduler.default_num_inference_steps == (1000 if name == "ddpm" else 50)
+    scheduler.set_timesteps(4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 4, generator=generator) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_output = 0.1 * scheduler.scale_model_input(x, t)
+        x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+    assert x.shape == (1, 3, 4, 4) and torch.isfinite(x).all()
+
+
+def test_eta_reaches_ddim_only_when_set():
+    """eta is DDIM's argument (diffusers' name); a pipeline passes it only when it is not 0, DDIM's default, so a
+    sampler without it is never handed one, and asking such a sampler for eta fails instead of being ignored."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(UNet2DConfig.from_dict(dict(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                                                   layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                                                   up_block_types=("UpBlock2D",) * 2)))
+    for name in ("ddpm", "pndm"):
+        pipe = PixelPipeline(unet, SCHEDULERS[name]())
+        assert pipe(num_inference_steps=4, output_type="pt").shape == (1, 3, 8, 8)
+        with pytest.raises(TypeError, match="eta"):
+            pipe(num_inference_steps=4, eta=0.5)
+    ddim = PixelPipeline(unet, SCHEDULERS["ddim"]())
+    deterministic = ddim(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0))
+    noisy = ddim(num_inference_steps=4, output_type="pt", eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert (deterministic - noisy).abs().max() > 1e-3
