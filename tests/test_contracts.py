@@ -11,8 +11,10 @@ import ast
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from minidiff.models.unet import UNet2DConfig, UNet2DModel
 from minidiff.pipelines.pixel import PixelPipeline
@@ -85,3 +87,59 @@ def test_eta_reaches_ddim_only_when_set():
     deterministic = ddim(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0))
     noisy = ddim(num_inference_steps=4, output_type="pt", eta=1.0, generator=torch.Generator().manual_seed(0))
     assert (deterministic - noisy).abs().max() > 1e-3
+
+
+# -------------------------------------------------------------------------------- StableDiffusion's three modes
+
+MODES = ("txt2img", "img2img", "inpaint")
+
+
+@pytest.fixture(scope="module")
+def sd():
+    from test_sample_cli import tiny_stable_diffusion
+
+    return tiny_stable_diffusion()
+
+
+def picture(seed: int, mask: bool = False) -> Image.Image:
+    """16 x 16 (the tiny model's size): random colours, or a white square (repaint) on black."""
+    if mask:
+        return Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 4))
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode, images", [
+    ("txt2img", {}),
+    ("img2img", {"image": picture(0)}),  # strength: img2img's default, 0.8
+    ("img2img", {"image": picture(0), "strength": 0.5}),
+    ("inpaint", {"image": picture(0), "mask_image": picture(0, mask=True)}),  # strength 1.0
+    ("inpaint", {"image": picture(0), "mask_image": picture(0, mask=True), "strength": 0.7}),
+])  # fmt: skip
+def test_call_runs_the_mode_its_arguments_name(sd, monkeypatch, mode, images):
+    """sd(...) calls exactly the mode that image / mask_image name, with every argument (the same latents as the
+    mode function run by hand, same seed), and the mode's own default strength when none is given."""
+    called = []
+
+    def recorded(name, method):
+        return lambda *args, **kwargs: called.append(name) or method(*args, **kwargs)
+
+    for name in MODES:
+        monkeypatch.setattr(sd, name, recorded(name, getattr(sd, name)))
+    args = dict(negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0)
+    got = sd("a red circle", **args, **images, eta=0.5, generator=torch.Generator().manual_seed(0),
+             output_type="latent")
+    assert called == [mode]
+    generator = torch.Generator().manual_seed(0)
+    run = getattr(sd, mode)("a red circle", *images.values(), **args, generator=generator)
+    *_, expected = sd.denoise(run, eta=0.5, generator=generator)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(mask_image=picture(0, mask=True)), "needs the image as well as mask_image"),
+    (dict(image=picture(0), latents=torch.zeros(1, 4, 8, 8)), "pass image or latents, not both"),
+    (dict(strength=0.5), "strength is how much of an image to repaint"),
+])  # fmt: skip
+def test_contradictory_arguments_are_named(sd, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        sd("a red circle", num_inference_steps=2, **kwargs)
