@@ -37,6 +37,7 @@ from minidiff.pipelines.guidance import classifier_free_guidance
 from minidiff.schedulers import Scheduler
 
 Prompt = str | list[str]
+ImageInput = Image.Image | torch.Tensor  # a PIL image, or a (B, C, H, W) tensor (see preprocess_image)
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -47,7 +48,7 @@ def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidanc
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
-def preprocess_image(image: Image.Image | torch.Tensor, height: int | None = None, width: int | None = None,
+def preprocess_image(image: ImageInput, height: int | None = None, width: int | None = None,
                      mask: bool = False, multiple: int = 8) -> torch.Tensor:
     """A PIL image -> (1, C, H, W) float32, as diffusers' VaeImageProcessor does: size floored to a multiple of
     `multiple` (the VAE's scale factor, 8 in SD) or the given height/width, LANCZOS resize, [0, 1] -> [-1, 1]. For a
@@ -81,15 +82,12 @@ class Run:
     timesteps: torch.Tensor  # the timesteps this run visits
     guidance_scale: float
     do_cfg: bool
+    batch_size: int  # B, the images drawn: prompts x num_images_per_prompt
     latents: torch.Tensor | None = None  # where the loop starts: x_T, or the noised image latents
     mask: torch.Tensor | None = None  # inpainting: (B, 1, h, w) latent-size mask, 1 = repaint
-    masked_image_latents: torch.Tensor | None = None  # inpainting UNet input (9-channel UNets)
+    extra_channels: torch.Tensor | None = None  # inpainting UNet (9 channels): [mask, masked image latents]
     image_latents: torch.Tensor | None = None  # blended inpainting (4-channel UNets)
     noise: torch.Tensor | None = None  # blended inpainting: the noise used to re-noise image_latents
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.embeddings) // (2 if self.do_cfg else 1)
 
 
 class StableDiffusion:
@@ -159,10 +157,8 @@ class StableDiffusion:
         for i, t in enumerate(run.timesteps):
             model_input = torch.cat([latents] * 2) if run.do_cfg else latents  # one batch: [uncond, cond]
             model_input = scheduler.scale_model_input(model_input, t)
-            if run.masked_image_latents is not None:  # inpainting UNet: 4 + 1 + 4 input channels
-                mask = torch.cat([run.mask] * 2) if run.do_cfg else run.mask
-                masked = torch.cat([run.masked_image_latents] * 2) if run.do_cfg else run.masked_image_latents
-                model_input = torch.cat([model_input, mask, masked], dim=1)
+            if run.extra_channels is not None:  # inpainting UNet: 4 + 1 + 4 input channels
+                model_input = torch.cat([model_input, run.extra_channels], dim=1)
             noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings)
             if run.do_cfg:  # classifier-free guidance
                 noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
@@ -192,10 +188,10 @@ class StableDiffusion:
         run.latents = latents.to(device) * self.scheduler.init_noise_sigma
         return run
 
-    def img2img(self, prompt: Prompt, image: Image.Image | torch.Tensor, strength: float = 0.8,
-                negative_prompt: Prompt | None = None, height: int | None = None, width: int | None = None,
-                num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
-                generator: Generator = None, clip_skip: int | None = None) -> Run:
+    def img2img(self, prompt: Prompt, image: ImageInput, strength: float = 0.8, negative_prompt: Prompt | None = None,
+                height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, num_images_per_prompt: int = 1, generator: Generator = None,
+                clip_skip: int | None = None) -> Run:
         """Image to image (SDEdit, Meng et al. 2022): the image's latents, noised to the timestep `strength` of the
         way up, and the last `strength` of the steps from there. The size is the image's (floored to a multiple of
         vae_scale_factor, as in diffusers) unless height and width are given."""
@@ -212,11 +208,10 @@ class StableDiffusion:
         run.latents = self.scheduler.add_noise(image_latents, noise, run.timesteps[:1].repeat(batch))
         return run
 
-    def inpaint(self, prompt: Prompt, image: Image.Image | torch.Tensor, mask_image: Image.Image | torch.Tensor,
-                strength: float = 1.0, negative_prompt: Prompt | None = None, height: int | None = None,
-                width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                num_images_per_prompt: int = 1, generator: Generator = None, latents: torch.Tensor | None = None,
-                clip_skip: int | None = None) -> Run:
+    def inpaint(self, prompt: Prompt, image: ImageInput, mask_image: ImageInput, strength: float = 1.0,
+                negative_prompt: Prompt | None = None, height: int | None = None, width: int | None = None,
+                num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
+                generator: Generator = None, latents: torch.Tensor | None = None, clip_skip: int | None = None) -> Run:
         """Inpainting: repaint where `mask_image` is white. The loop starts from noise (or, with strength < 1, from
         the image's latents noised part-way); an inpainting UNet (9 input channels) also sees the mask and the
         masked image's latents at every step, any other (4 channels) gets the known region put back after each."""
@@ -249,8 +244,9 @@ class StableDiffusion:
         masked_latents = self.encode_images(masked_image, generator)
         if blended:
             run.image_latents, run.noise = image_latents, noise
-        else:
-            run.masked_image_latents = masked_latents.repeat(batch // len(masked_latents), 1, 1, 1)
+        else:  # the UNet's 5 extra input channels, doubled for CFG as the latents are
+            extra = torch.cat([run.mask, masked_latents.repeat(batch // len(masked_latents), 1, 1, 1)], dim=1)
+            run.extra_channels = torch.cat([extra] * 2) if run.do_cfg else extra
         return run
 
     # What the modes share: the prompts and timesteps, the sizes, the steps that strength keeps
@@ -268,7 +264,7 @@ class StableDiffusion:
         do_cfg = guidance_scale > 1.0  # at g = 1 the negative pass would not change anything
         embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, clip_skip)
         self.scheduler.set_timesteps(num_inference_steps)
-        return Run(embeddings, self.scheduler.timesteps, guidance_scale, do_cfg)
+        return Run(embeddings, self.scheduler.timesteps, guidance_scale, do_cfg, batch)
 
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The size to draw at: the UNet's sample size in pixels, where height or width is not given."""
@@ -295,22 +291,23 @@ class StableDiffusion:
     def prepare(self, prompt: Prompt, negative_prompt: Prompt | None = None, height: int | None = None,
                 width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                 num_images_per_prompt: int = 1, generator: Generator = None, latents: torch.Tensor | None = None,
-                image: Image.Image | torch.Tensor | None = None, mask_image: Image.Image | torch.Tensor | None = None,
+                image: ImageInput | None = None, mask_image: ImageInput | None = None,
                 strength: float | None = None, clip_skip: int | None = None) -> Run:
         """The Run of the mode that diffusers' arguments name: image and mask_image -> inpaint (strength default
         1.0), image -> img2img (default 0.8), neither -> txt2img. Arguments of another mode are a ValueError."""
         common = dict(negative_prompt=negative_prompt, height=height, width=width,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       num_images_per_prompt=num_images_per_prompt, generator=generator, clip_skip=clip_skip)
+        if strength is not None:  # else the mode's own default
+            common["strength"] = strength
         if mask_image is not None:
             if image is None:
                 raise ValueError("inpainting needs the image as well as mask_image")
-            return self.inpaint(prompt, image, mask_image, 1.0 if strength is None else strength, latents=latents,
-                                **common)
+            return self.inpaint(prompt, image, mask_image, latents=latents, **common)
         if image is not None:
             if latents is not None:
                 raise ValueError("img2img starts from the image's latents: pass image or latents, not both")
-            return self.img2img(prompt, image, 0.8 if strength is None else strength, **common)
+            return self.img2img(prompt, image, **common)
         if strength is not None:
             raise ValueError("strength is how much of an image to repaint: pass image (img2img) or image and "
                              "mask_image (inpainting)")
