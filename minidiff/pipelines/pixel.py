@@ -95,15 +95,8 @@ class PixelPipeline:
             raise ValueError("classifier-free guidance needs a class-conditioned model trained with a \"no class\" "
                              "label (train.py class-conditioned --label-dropout) and class labels")
 
-    def denoise(
-        self,
-        x: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        guidance: LossGuidance | None = None,
-        generator: Generator = None,
-        eta: float = 0.0,
-        cfg_scale: float = 1.0,
-    ) -> Iterator[torch.Tensor]:
+    def denoise(self, x: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: LossGuidance | None = None,
+                generator: Generator = None, eta: float = 0.0, cfg_scale: float = 1.0) -> Iterator[torch.Tensor]:
         """Run the reverse process from x_T over `scheduler.timesteps` (call set_timesteps first), yielding
         x_{t-1} after each step. `eta` applies to DDIM only (0: deterministic, 1: DDPM-like). `cfg_scale` != 1:
         classifier-free guidance, for a model with a "no class" label."""
@@ -132,15 +125,9 @@ class PixelPipeline:
             x = scheduler.step(model_output.detach(), t, x.detach(), generator=generator, **ddim_eta).prev_sample
             yield x
 
-    def prepare(
-        self,
-        batch_size: int = 1,
-        num_inference_steps: int | None = None,
-        generator: Generator = None,
-        height: int | None = None,
-        width: int | None = None,
-        class_labels: torch.Tensor | list[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prepare(self, batch_size: int = 1, num_inference_steps: int | None = None, generator: Generator = None,
+                height: int | None = None, width: int | None = None,
+                class_labels: torch.Tensor | list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Set the scheduler's timesteps and draw x_T ~ N(0, I) as diffusers does: (x_T, class_labels)."""
         parameter = next(self.unet.parameters())
         default_h, default_w = self.sample_size if height is None or width is None else (height, width)
@@ -158,19 +145,10 @@ class PixelPipeline:
         return x * self.scheduler.init_noise_sigma, class_labels
 
     @torch.no_grad()
-    def __call__(
-        self,
-        batch_size: int = 1,
-        generator: Generator = None,
-        num_inference_steps: int | None = None,
-        eta: float = 0.0,
-        class_labels: torch.Tensor | list[int] | None = None,
-        guidance: LossGuidance | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        output_type: str = "pil",
-        cfg_scale: float = 1.0,
-    ) -> list[Image.Image] | torch.Tensor:
+    def __call__(self, batch_size: int = 1, generator: Generator = None, num_inference_steps: int | None = None,
+                 eta: float = 0.0, class_labels: torch.Tensor | list[int] | None = None,
+                 guidance: LossGuidance | None = None, height: int | None = None, width: int | None = None,
+                 output_type: str = "pil", cfg_scale: float = 1.0) -> list[Image.Image] | torch.Tensor:
         """Sample `batch_size` images. output_type "pil" gives PIL images, "pt" a (B, C, H, W) tensor in [0, 1]
         (what diffusers' pipelines return for "pt"). cfg_scale: classifier-free guidance (see denoise)."""
         if output_type not in ("pil", "pt"):

@@ -27,11 +27,7 @@ class DDPMScheduler(Scheduler):
     def __init__(self, **config) -> None:
         super().__init__(**config)
         self.custom_timesteps = False
-
-    @property
-    def default_num_inference_steps(self) -> int:
-        """All T training steps, as diffusers' DDPMPipeline runs them (the chain the model was trained on)."""
-        return self.config.num_train_timesteps
+        self.default_num_inference_steps = self.config.num_train_timesteps  # every step, as DDPMPipeline runs
 
     def set_timesteps(
         self,

@@ -75,14 +75,8 @@ class PNDMScheduler(Scheduler):
         denominator = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
         return sample_coeff * sample - (alpha_bar_prev - alpha_bar) * eps / denominator
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: Generator = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple[torch.Tensor]:
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: Generator = None, return_dict: bool = True) -> SchedulerOutput | tuple[torch.Tensor]:
         """One evaluation's worth of progress. pred_original_sample is not defined here (None). `generator` is
         taken, as every scheduler's step takes it, and unused: PNDM draws no noise."""
         if self.num_inference_steps is None:
