@@ -5,10 +5,14 @@
    source: no isinstance or issubclass on a scheduler class).
 2. StableDiffusion's __call__ picks the mode from diffusers' argument names: image and mask_image -> inpaint,
    image -> img2img, neither -> txt2img; contradictory arguments are a ValueError naming them.
+3. train.py's subcommands are minidiff/training/modes.py's registry: a TrainingMode added there is a subcommand,
+   with its options, defaults and task, and train.py does not change.
 """
 
 import ast
+import importlib.util
 import inspect
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +147,36 @@ def test_call_runs_the_mode_its_arguments_name(sd, monkeypatch, mode, images):
 def test_contradictory_arguments_are_named(sd, kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         sd("a red circle", num_inference_steps=2, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- training modes
+
+
+def test_train_py_builds_its_subcommands_from_the_registry(monkeypatch, tmp_path, capsys):
+    from minidiff.training import modes
+
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    made = []
+
+    def add_arguments(parser, name):
+        parser.add_argument("--colour", default="red", help=f"the colour of {name}")
+
+    def make_task(args, world):
+        made.append((args.colour, args.learning_rate, args.num_sample_images, args.max_steps))
+        raise ValueError("a toy mode makes no task")
+
+    toy = modes.TrainingMode("toy", "a toy mode", add_arguments, make_task, defaults={"learning_rate": 0.5},
+                             num_sample_images=3)
+    monkeypatch.setitem(modes.MODES, "toy", toy)
+    assert train.main(["toy", "--colour", "blue", "--output-dir", str(tmp_path / "run")]) == 2
+    assert made == [("blue", 0.5, 3, 1000)]  # its option, its defaults, the loop's own default
+    assert "a toy mode makes no task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["toy", "--help"])
+    assert "a toy mode. Defaults here: --learning-rate 0.5; and --num-sample-images 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    listed = capsys.readouterr().out.split("positional arguments:")[1].split("options:")[0]
+    assert re.findall(r"^    (\S+)", listed, re.MULTILINE) == list(modes.MODES)  # toy last

@@ -25,8 +25,6 @@ from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from minidiff.training.data import ImageDataset
 from minidiff.training.loop import Task, denoising_loss, enable_gradient_checkpointing
 
-MODES = ("ddpm", "class-conditioned")
-
 
 class PixelDenoisingLoss(nn.Module):
     """The thing a pixel mode trains: forward(batch, generators) -> the mean denoising loss of the batch.
