@@ -180,7 +180,8 @@ def sample_pixel(args: argparse.Namespace, dtype: torch.dtype):
 
 
 def sample_text(args: argparse.Namespace, dtype: torch.dtype):
-    """Stable Diffusion model -> (images in [-1, 1], settings); the loop is StableDiffusion.denoise."""
+    """Stable Diffusion model -> (images in [-1, 1], settings). StableDiffusion.prepare picks the mode from the
+    images given (txt2img, img2img, inpaint); the loop is StableDiffusion.denoise."""
     if extra := given(args, PIXEL_ONLY + ("guidance_through_unet",)):
         raise ValueError(f"{args.model} is a Stable Diffusion model: {', '.join(extra)} belong to pixel-space models")
     if args.prompt is None and args.model == DEFAULT_MODEL:
@@ -201,11 +202,11 @@ def sample_text(args: argparse.Namespace, dtype: torch.dtype):
     sd = load_stable_diffusion(args.model, args.scheduler, dtype, args.device)
     guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
     generator = torch.Generator().manual_seed(args.seed)
-    run = sd.prepare(args.prompt, args.negative_prompt, args.height, args.width, args.steps or 50, guidance_scale,
-                     args.num_images, generator, image=images.get("init_image"), mask_image=images.get("mask"),
-                     strength=args.strength, clip_skip=args.clip_skip)
-    latents = run.latents
     with torch.no_grad():
+        run = sd.prepare(args.prompt, args.negative_prompt, args.height, args.width, args.steps or 50,
+                         guidance_scale, args.num_images, generator, image=images.get("init_image"),
+                         mask_image=images.get("mask"), strength=args.strength, clip_skip=args.clip_skip)
+        latents = run.latents
         for step_latents in tqdm(sd.denoise(run, eta=args.eta, generator=generator), total=len(run.timesteps),
                                  unit="step"):
             latents = step_latents

@@ -194,12 +194,8 @@ def read_kind(path: Path, kind: str, what: str) -> dict:
     return config
 
 
-def load_pixel_pipeline(
-    path: str | os.PathLike,
-    scheduler: str | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-) -> PixelPipeline:
+def load_pixel_pipeline(path: str | os.PathLike, scheduler: str | None = None, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> PixelPipeline:
     """Load a pixel-space model folder as a PixelPipeline. `scheduler` ("ddpm" or "ddim") overrides the
     folder's own scheduler class, keeping its config (the noise schedule the model was trained with)."""
     path = Path(path)

@@ -6,7 +6,7 @@ The loop is the one of the course's Unit 1-2 notebooks, written out so every ste
     for t in scheduler.timesteps:
         eps = unet(scale_model_input(x_t), t, class_labels)     # predict the noise
         (guidance: x_t <- x_t - grad loss(x_0(x_t, eps)))        # optional, see guidance.py
-        x_{t-1} = scheduler.step(eps, t, x_t).prev_sample       # DDPM or DDIM update
+        x_{t-1} = scheduler.step(eps, t, x_t).prev_sample       # the sampler's update (DDPM, DDIM, ...)
 
 A class-conditioned model trained with a "no class" label (models/class_conditioned.py, classifier_free) can be
 sampled with classifier-free guidance (Ho & Salimans 2022, eq. 6), the same mix Stable Diffusion makes:
@@ -29,7 +29,7 @@ from torch import nn
 from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
 from minidiff.pipelines.guidance import LossGuidance, classifier_free_guidance
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from minidiff.schedulers import Scheduler
 
 # For models with a "no class" label (weights/digits); 1.0 turns guidance off. Measured on weights/digits
 # (tests/quality_digits.py, 200 digits per seed): the asked digit is drawn 93.5 / 93.5 / 88.5% of the time
@@ -43,7 +43,7 @@ class PixelPipeline:
     """A pixel-space denoiser and its scheduler, ready to sample.
 
     `unet` is a UNet2DModel (optionally class-conditional through num_class_embeds) or the course's
-    ClassConditionedUNet; `scheduler` a DDPMScheduler or DDIMScheduler (the sampler is the scheduler).
+    ClassConditionedUNet; `scheduler` any minidiff scheduler, DDPM, DDIM, ... (the sampler is the scheduler).
     """
 
     def __init__(self, unet: nn.Module, scheduler: Scheduler) -> None:
@@ -95,15 +95,8 @@ class PixelPipeline:
             raise ValueError("classifier-free guidance needs a class-conditioned model trained with a \"no class\" "
                              "label (train.py class-conditioned --label-dropout) and class labels")
 
-    def denoise(
-        self,
-        x: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        guidance: LossGuidance | None = None,
-        generator: Generator = None,
-        eta: float = 0.0,
-        cfg_scale: float = 1.0,
-    ) -> Iterator[torch.Tensor]:
+    def denoise(self, x: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: LossGuidance | None = None,
+                generator: Generator = None, eta: float = 0.0, cfg_scale: float = 1.0) -> Iterator[torch.Tensor]:
         """Run the reverse process from x_T over `scheduler.timesteps` (call set_timesteps first), yielding
         x_{t-1} after each step. `eta` applies to DDIM only (0: deterministic, 1: DDPM-like). `cfg_scale` != 1:
         classifier-free guidance, for a model with a "no class" label."""
@@ -112,9 +105,7 @@ class PixelPipeline:
         if cfg_scale != 1.0:  # each image twice in one batch of 2B: with "no class", then with its class
             no_class = torch.full_like(class_labels, self.unet.num_classes)
             guided_labels = torch.cat([no_class, class_labels])
-        step_kwargs = {"generator": generator}
-        if isinstance(scheduler, DDIMScheduler):
-            step_kwargs["eta"] = eta
+        ddim_eta = {"eta": eta} if eta else {}  # DDIM's knob: passed only when set (0 is DDIM's default)
         for i, t in enumerate(scheduler.timesteps):
             guide = guidance is not None and guidance.applies_at(i)
             grad_through_unet = guide and guidance.through_unet
@@ -131,49 +122,33 @@ class PixelPipeline:
                     model_output, _ = classifier_free_guidance(eps, cfg_scale)
             if guide:  # move x_t down the loss gradient, then take the ordinary step from there
                 x = guidance.nudge(x, model_output, t, scheduler)
-            x = scheduler.step(model_output.detach(), t, x.detach(), **step_kwargs).prev_sample
+            x = scheduler.step(model_output.detach(), t, x.detach(), generator=generator, **ddim_eta).prev_sample
             yield x
 
-    def prepare(
-        self,
-        batch_size: int = 1,
-        num_inference_steps: int | None = None,
-        generator: Generator = None,
-        height: int | None = None,
-        width: int | None = None,
-        class_labels: torch.Tensor | list[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prepare(self, batch_size: int = 1, num_inference_steps: int | None = None, generator: Generator = None,
+                height: int | None = None, width: int | None = None,
+                class_labels: torch.Tensor | list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Set the scheduler's timesteps and draw x_T ~ N(0, I) as diffusers does: (x_T, class_labels)."""
         parameter = next(self.unet.parameters())
         default_h, default_w = self.sample_size if height is None or width is None else (height, width)
         height, width = height or default_h, width or default_w
         if num_inference_steps is None:  # diffusers' DDPMPipeline runs all 1000 steps, DDIMPipeline 50
-            num_inference_steps = 50 if isinstance(self.scheduler, DDIMScheduler) else len(self.scheduler)
+            num_inference_steps = self.scheduler.default_num_inference_steps
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} images: pass one per image")
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=parameter.device).reshape(-1)
         self.check_class_labels(class_labels, batch_size)
-        if isinstance(self.scheduler, DDPMScheduler | DDIMScheduler):
-            self.scheduler.set_timesteps(num_inference_steps)
+        self.scheduler.set_timesteps(num_inference_steps)
         shape = (batch_size, self.image_channels, height, width)
         x = randn_tensor(shape, generator, device=parameter.device, dtype=parameter.dtype)
         return x * self.scheduler.init_noise_sigma, class_labels
 
     @torch.no_grad()
-    def __call__(
-        self,
-        batch_size: int = 1,
-        generator: Generator = None,
-        num_inference_steps: int | None = None,
-        eta: float = 0.0,
-        class_labels: torch.Tensor | list[int] | None = None,
-        guidance: LossGuidance | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        output_type: str = "pil",
-        cfg_scale: float = 1.0,
-    ) -> list[Image.Image] | torch.Tensor:
+    def __call__(self, batch_size: int = 1, generator: Generator = None, num_inference_steps: int | None = None,
+                 eta: float = 0.0, class_labels: torch.Tensor | list[int] | None = None,
+                 guidance: LossGuidance | None = None, height: int | None = None, width: int | None = None,
+                 output_type: str = "pil", cfg_scale: float = 1.0) -> list[Image.Image] | torch.Tensor:
         """Sample `batch_size` images. output_type "pil" gives PIL images, "pt" a (B, C, H, W) tensor in [0, 1]
         (what diffusers' pipelines return for "pt"). cfg_scale: classifier-free guidance (see denoise)."""
         if output_type not in ("pil", "pt"):

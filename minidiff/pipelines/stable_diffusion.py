@@ -1,7 +1,7 @@
 """Stable Diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"):
 text-to-image, image-to-image and inpainting, with classifier-free guidance and negative prompts.
 
-Unit 3 of the course, in four moves:
+Unit 3 of the course, in five moves:
 1. text -> embeddings: CLIP's tokenizer and text transformer turn the prompt (and the negative prompt, or "")
    into (77, D) embeddings the UNet cross-attends to;
 2. images <-> latents: the VAE encoder maps a 3x512x512 image to 4x64x64 latents (x scaling_factor), and the
@@ -9,9 +9,11 @@ Unit 3 of the course, in four moves:
 3. the denoising loop, in latent space: at each t the UNet runs on [x_t, x_t] with [negative, positive]
    embeddings, and classifier-free guidance (Ho & Salimans 2022, eq. 6) extrapolates
    eps = eps_uncond + g (eps_text - eps_uncond) before the scheduler step;
-4. the three modes differ only in where the loop starts: pure noise (txt2img), the image's latents noised to
-   the strength's timestep (img2img), or noise with a mask and the masked image as extra UNet input channels
-   (inpainting UNet), or blended back after every step (any UNet, as the course does).
+4. the three modes differ only in where the loop starts, one function each, returning the Run that denoise
+   takes: pure noise (txt2img), the image's latents noised to the strength's timestep (img2img), or noise with
+   a mask and the masked image as extra UNet input channels (inpainting UNet), or blended back after every
+   step (any UNet, as the course does) (inpaint);
+5. sd(prompt, ...) picks the mode from diffusers' argument names (image, mask_image), runs the loop, decodes.
 
 Every random draw happens in the same order, shape and generator as in diffusers 0.42's StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline, so a seed gives the same image
@@ -32,9 +34,10 @@ from torch import nn
 from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
 from minidiff.pipelines.guidance import classifier_free_guidance
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from minidiff.schedulers import Scheduler
 
 Prompt = str | list[str]
+ImageInput = Image.Image | torch.Tensor  # a PIL image, or a (B, C, H, W) tensor (see preprocess_image)
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -45,7 +48,7 @@ def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidanc
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
-def preprocess_image(image: Image.Image | torch.Tensor, height: int | None = None, width: int | None = None,
+def preprocess_image(image: ImageInput, height: int | None = None, width: int | None = None,
                      mask: bool = False, multiple: int = 8) -> torch.Tensor:
     """A PIL image -> (1, C, H, W) float32, as diffusers' VaeImageProcessor does: size floored to a multiple of
     `multiple` (the VAE's scale factor, 8 in SD) or the given height/width, LANCZOS resize, [0, 1] -> [-1, 1]. For a
@@ -64,17 +67,25 @@ def preprocess_image(image: Image.Image | torch.Tensor, height: int | None = Non
     return (tensor >= 0.5).float() if mask else 2.0 * tensor - 1.0
 
 
+def check_size(height: int | None, width: int | None) -> tuple[int | None, int | None]:
+    """diffusers' rule: a height or width that is given must be a multiple of 8."""
+    if (height and height % 8) or (width and width % 8):
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    return height, width
+
+
 @dataclass
 class Run:
-    """Everything a prepared sampling run carries into the denoising loop."""
+    """Everything a prepared sampling run carries into the denoising loop; a mode (txt2img, ...) fills it in."""
 
-    latents: torch.Tensor  # x_T, or the noised image latents (img2img)
-    timesteps: torch.Tensor  # the timesteps this run visits
     embeddings: torch.Tensor  # (2B, L, D) [negative; positive] with CFG, else (B, L, D)
+    timesteps: torch.Tensor  # the timesteps this run visits
     guidance_scale: float
     do_cfg: bool
+    batch_size: int  # B, the images drawn: prompts x num_images_per_prompt
+    latents: torch.Tensor | None = None  # where the loop starts: x_T, or the noised image latents
     mask: torch.Tensor | None = None  # inpainting: (B, 1, h, w) latent-size mask, 1 = repaint
-    masked_image_latents: torch.Tensor | None = None  # inpainting UNet input (9-channel UNets)
+    extra_channels: torch.Tensor | None = None  # inpainting UNet (9 channels): [mask, masked image latents]
     image_latents: torch.Tensor | None = None  # blended inpainting (4-channel UNets)
     noise: torch.Tensor | None = None  # blended inpainting: the noise used to re-noise image_latents
 
@@ -82,7 +93,8 @@ class Run:
 class StableDiffusion:
     """A loaded Stable Diffusion model. Call it with diffusers' argument names:
     `sd(prompt, negative_prompt=..., num_inference_steps=50, guidance_scale=7.5, generator=..., image=...,
-    strength=..., mask_image=...)` -> list of PIL images."""
+    strength=..., mask_image=...)` -> list of PIL images. Or step through one mode, under torch.no_grad():
+    `run = sd.img2img(prompt, image, 0.6)`, `for latents in sd.denoise(run): ...`, `sd.decode_latents(latents)`."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler: Scheduler):
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
@@ -141,24 +153,18 @@ class StableDiffusion:
                 generator: Generator = None) -> Iterator[torch.Tensor]:
         """Yield the latents after every scheduler step."""
         scheduler, latents = self.scheduler, run.latents
-        step_kwargs = {}
-        if isinstance(scheduler, DDIMScheduler | DDPMScheduler):  # stochastic steps take the generator
-            step_kwargs["generator"] = generator
-        if isinstance(scheduler, DDIMScheduler):
-            step_kwargs["eta"] = eta
+        ddim_eta = {"eta": eta} if eta else {}  # DDIM's knob: passed only when set (0 is DDIM's default)
         for i, t in enumerate(run.timesteps):
             model_input = torch.cat([latents] * 2) if run.do_cfg else latents  # one batch: [uncond, cond]
             model_input = scheduler.scale_model_input(model_input, t)
-            if run.masked_image_latents is not None:  # inpainting UNet: 4 + 1 + 4 input channels
-                mask = torch.cat([run.mask] * 2) if run.do_cfg else run.mask
-                masked = torch.cat([run.masked_image_latents] * 2) if run.do_cfg else run.masked_image_latents
-                model_input = torch.cat([model_input, mask, masked], dim=1)
+            if run.extra_channels is not None:  # inpainting UNet: 4 + 1 + 4 input channels
+                model_input = torch.cat([model_input, run.extra_channels], dim=1)
             noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings)
             if run.do_cfg:  # classifier-free guidance
                 noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
                 if guidance_rescale > 0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, **ddim_eta).prev_sample
             if run.image_latents is not None:  # blended inpainting: keep the known region at the next noise level
                 known = run.image_latents
                 if i < len(run.timesteps) - 1:
@@ -166,97 +172,65 @@ class StableDiffusion:
                 latents = (1 - run.mask) * known + run.mask * latents
             yield latents
 
-    # 4. The three modes ------------------------------------------------------------------------------------------
+    # 4. The three modes: where the loop starts ----------------------------------------------------------------
 
-    def prepare(
-        self,
-        prompt: Prompt,
-        negative_prompt: Prompt | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        image: Image.Image | torch.Tensor | None = None,
-        mask_image: Image.Image | torch.Tensor | None = None,
-        strength: float | None = None,
-        clip_skip: int | None = None,
-    ) -> Run:
-        """Encode the prompts, set the timesteps and draw the starting latents for txt2img (no image),
-        img2img (image, strength default 0.8) or inpainting (image and mask_image, strength default 1.0)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = negative_prompt
-        if isinstance(negative_prompt, str):  # one negative prompt for every prompt
-            negatives = [negative_prompt] * len(prompts)
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        if mask_image is not None and image is None:
-            raise ValueError("inpainting needs the image as well as mask_image")
-        mode = "txt2img" if image is None else ("inpaint" if mask_image is not None else "img2img")
-        strength = (0.8 if mode == "img2img" else 1.0) if strength is None else strength
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        batch = len(prompts) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image")
-
-        if mode != "img2img":
-            default = self.unet.config.sample_size * self.vae_scale_factor
-            height, width = height or default, width or default
-        if (height and height % 8) or (width and width % 8):
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        if mode == "img2img":  # default size: the image's, floored to a multiple of vae_scale_factor as in diffusers
-            init_image = preprocess_image(image, height, width, multiple=self.vae_scale_factor)
-            height, width = init_image.shape[-2:]
-
-        do_cfg = guidance_scale > 1.0  # at g = 1 the negative pass would not change anything
-        embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, clip_skip)
-        dtype, device = embeddings.dtype, embeddings.device
-
-        self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = self.scheduler.timesteps
-        if mode != "txt2img":  # start part-way: skip the first (1 - strength) of the steps
-            t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-            timesteps = timesteps[t_start * self.scheduler.order :]
-            if len(timesteps) == 0:
-                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
-        f = self.vae_scale_factor
-        shape = (batch, self.vae.config.latent_channels, height // f, width // f)
-        run = Run(latents=latents, timesteps=timesteps, embeddings=embeddings, guidance_scale=guidance_scale,
-                  do_cfg=do_cfg)
-
-        if mode == "txt2img":
-            if latents is None:
-                run.latents = randn_tensor(shape, generator, device=device, dtype=dtype)
-            run.latents = run.latents.to(device) * self.scheduler.init_noise_sigma
-        elif mode == "img2img":
-            if isinstance(generator, list):  # one copy of the image per generator, as diffusers does
-                init_image = torch.cat([init_image] * (batch // len(init_image)))
-            image_latents = self.encode_images(init_image.to(device, dtype), generator)  # RNG: posterior first
-            image_latents = torch.cat([image_latents] * (batch // len(image_latents)))
-            noise = randn_tensor(image_latents.shape, generator, device=device, dtype=dtype)  # then the noise
-            run.latents = self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        else:
-            self._prepare_inpaint(run, image, mask_image, shape, strength, generator, height, width)
+    def txt2img(self, prompt: Prompt, negative_prompt: Prompt | None = None, height: int | None = None,
+                width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                num_images_per_prompt: int = 1, generator: Generator = None, latents: torch.Tensor | None = None,
+                clip_skip: int | None = None) -> Run:
+        """Text to image: the loop runs every step, from pure noise x_T ~ N(0, I) (or the given `latents`)."""
+        height, width = self.default_size(height, width)
+        run = self.start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         generator, clip_skip)
+        device, dtype = run.embeddings.device, run.embeddings.dtype
+        if latents is None:
+            latents = randn_tensor(self.latent_shape(run, height, width), generator, device=device, dtype=dtype)
+        run.latents = latents.to(device) * self.scheduler.init_noise_sigma
         return run
 
-    def _prepare_inpaint(self, run: Run, image, mask_image, shape, strength, generator, height, width) -> None:
-        """Inpainting's starting latents, mask and masked-image latents, in diffusers' RNG order."""
-        dtype, device = run.embeddings.dtype, run.embeddings.device
-        batch = shape[0]
+    def img2img(self, prompt: Prompt, image: ImageInput, strength: float = 0.8, negative_prompt: Prompt | None = None,
+                height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, num_images_per_prompt: int = 1, generator: Generator = None,
+                clip_skip: int | None = None) -> Run:
+        """Image to image (SDEdit, Meng et al. 2022): the image's latents, noised to the timestep `strength` of the
+        way up, and the last `strength` of the steps from there. The size is the image's (floored to a multiple of
+        vae_scale_factor, as in diffusers) unless height and width are given."""
+        init_image = preprocess_image(image, *check_size(height, width), multiple=self.vae_scale_factor)
+        run = self.start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         generator, clip_skip)
+        run.timesteps = self.strength_timesteps(strength, num_inference_steps)
+        batch, device, dtype = run.batch_size, run.embeddings.device, run.embeddings.dtype
+        if isinstance(generator, list):  # one copy of the image per generator, as diffusers does
+            init_image = torch.cat([init_image] * (batch // len(init_image)))
+        image_latents = self.encode_images(init_image.to(device, dtype), generator)  # RNG: posterior first
+        image_latents = torch.cat([image_latents] * (batch // len(image_latents)))  # cat keeps the memory layout
+        noise = randn_tensor(image_latents.shape, generator, device=device, dtype=dtype)  # then the noise
+        run.latents = self.scheduler.add_noise(image_latents, noise, run.timesteps[:1].repeat(batch))
+        return run
+
+    def inpaint(self, prompt: Prompt, image: ImageInput, mask_image: ImageInput, strength: float = 1.0,
+                negative_prompt: Prompt | None = None, height: int | None = None, width: int | None = None,
+                num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
+                generator: Generator = None, latents: torch.Tensor | None = None, clip_skip: int | None = None) -> Run:
+        """Inpainting: repaint where `mask_image` is white. The loop starts from noise (or, with strength < 1, from
+        the image's latents noised part-way); an inpainting UNet (9 input channels) also sees the mask and the
+        masked image's latents at every step, any other (4 channels) gets the known region put back after each."""
+        in_channels = self.unet.config.in_channels
+        if in_channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, not {in_channels}")
+        height, width = self.default_size(height, width)
+        run = self.start(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         generator, clip_skip)
+        run.timesteps = self.strength_timesteps(strength, num_inference_steps)
+        batch, device, dtype = run.batch_size, run.embeddings.device, run.embeddings.dtype
+        shape = self.latent_shape(run, height, width)
         init_image = preprocess_image(image, height, width).to(device, dtype)
-        blended = self.unet.config.in_channels == 4  # a normal UNet: blend the known region back every step
-        if self.unet.config.in_channels not in (4, 9):
-            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, not {self.unet.config.in_channels}")
-        image_latents = None
-        if blended or (run.latents is None and strength < 1.0):  # RNG: the image posterior before the noise
+        blended = in_channels == 4  # a normal UNet: blend the known region back every step
+        if blended or (latents is None and strength < 1.0):  # RNG: the image posterior before the noise
             image_latents = self.encode_images(init_image, generator)
             image_latents = image_latents.repeat(batch // len(image_latents), 1, 1, 1)
-        user_latents = run.latents is not None  # they replace the noise, and nothing is drawn
-        noise = run.latents.to(device) if user_latents else randn_tensor(shape, generator, device=device, dtype=dtype)
-        if user_latents or strength == 1.0:
+        noise = randn_tensor(shape, generator, device=device, dtype=dtype) if latents is None else latents.to(device)
+        if latents is not None or strength == 1.0:  # given latents replace the noise, and nothing is drawn
             run.latents = noise * self.scheduler.init_noise_sigma
         else:
             run.latents = self.scheduler.add_noise(image_latents, noise, run.timesteps[:1].repeat(batch))
@@ -270,8 +244,74 @@ class StableDiffusion:
         masked_latents = self.encode_images(masked_image, generator)
         if blended:
             run.image_latents, run.noise = image_latents, noise
-        else:
-            run.masked_image_latents = masked_latents.repeat(batch // len(masked_latents), 1, 1, 1)
+        else:  # the UNet's 5 extra input channels, doubled for CFG as the latents are
+            extra = torch.cat([run.mask, masked_latents.repeat(batch // len(masked_latents), 1, 1, 1)], dim=1)
+            run.extra_channels = torch.cat([extra] * 2) if run.do_cfg else extra
+        return run
+
+    # What the modes share: the prompts and timesteps, the sizes, the steps that strength keeps
+
+    def start(self, prompt: Prompt, negative_prompt: Prompt | None, num_inference_steps: int, guidance_scale: float,
+              num_images_per_prompt: int, generator: Generator, clip_skip: int | None) -> Run:
+        """A Run with the prompts' embeddings (with CFG, g > 1, the negative prompts' too) and every timestep."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        batch = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image")
+        do_cfg = guidance_scale > 1.0  # at g = 1 the negative pass would not change anything
+        embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, clip_skip)
+        self.scheduler.set_timesteps(num_inference_steps)
+        return Run(embeddings, self.scheduler.timesteps, guidance_scale, do_cfg, batch)
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The size to draw at: the UNet's sample size in pixels, where height or width is not given."""
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        return check_size(height or default, width or default)
+
+    def latent_shape(self, run: Run, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return (run.batch_size, self.vae.config.latent_channels, height // f, width // f)
+
+    def strength_timesteps(self, strength: float, num_inference_steps: int) -> torch.Tensor:
+        """img2img and inpainting skip the first (1 - strength) of the steps (times the scheduler's order: PNDM
+        evaluates its first step twice)."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        t_start = num_inference_steps - int(num_inference_steps * strength)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
+        return timesteps
+
+    # 5. Generating: the mode diffusers' argument names ask for ------------------------------------------------
+
+    def prepare(self, prompt: Prompt, negative_prompt: Prompt | None = None, height: int | None = None,
+                width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                num_images_per_prompt: int = 1, generator: Generator = None, latents: torch.Tensor | None = None,
+                image: ImageInput | None = None, mask_image: ImageInput | None = None,
+                strength: float | None = None, clip_skip: int | None = None) -> Run:
+        """The Run of the mode that diffusers' arguments name: image and mask_image -> inpaint (strength default
+        1.0), image -> img2img (default 0.8), neither -> txt2img. Arguments of another mode are a ValueError."""
+        common = dict(negative_prompt=negative_prompt, height=height, width=width,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      num_images_per_prompt=num_images_per_prompt, generator=generator, clip_skip=clip_skip)
+        if strength is not None:  # else the mode's own default
+            common["strength"] = strength
+        if mask_image is not None:
+            if image is None:
+                raise ValueError("inpainting needs the image as well as mask_image")
+            return self.inpaint(prompt, image, mask_image, latents=latents, **common)
+        if image is not None:
+            if latents is not None:
+                raise ValueError("img2img starts from the image's latents: pass image or latents, not both")
+            return self.img2img(prompt, image, **common)
+        if strength is not None:
+            raise ValueError("strength is how much of an image to repaint: pass image (img2img) or image and "
+                             "mask_image (inpainting)")
+        return self.txt2img(prompt, latents=latents, **common)
 
     @torch.no_grad()
     def __call__(self, prompt: Prompt, negative_prompt: Prompt | None = None, height: int | None = None,
@@ -279,7 +319,8 @@ class StableDiffusion:
                  num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generator = None,
                  latents: torch.Tensor | None = None, image=None, mask_image=None, strength: float | None = None,
                  guidance_rescale: float = 0.0, clip_skip: int | None = None, output_type: str = "pil"):
-        """Generate images. output_type: "pil" (list of PIL images), "pt" ((B, 3, H, W) in [0, 1]) or "latent"."""
+        """Generate images in the mode the arguments name (see prepare). output_type: "pil" (list of PIL images),
+        "pt" ((B, 3, H, W) in [0, 1]) or "latent"."""
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         run = self.prepare(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,

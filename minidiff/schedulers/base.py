@@ -178,6 +178,7 @@ class Scheduler:
     config_class: type[NoiseScheduleConfig] = X0Config
     order = 1  # model evaluations per step
     init_noise_sigma = 1.0  # x_T ~ N(0, I): the initial noise needs no scaling
+    default_num_inference_steps = 50  # a pipeline's default, as diffusers' DDIMPipeline (DDPM: every step)
 
     def __init__(self, **config) -> None:
         self.settings = self.config_class(**config)  # this scheduler's own settings, validated

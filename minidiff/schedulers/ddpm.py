@@ -30,6 +30,7 @@ class DDPMScheduler(Scheduler):
     def __init__(self, **config) -> None:
         super().__init__(**config)
         self.custom_timesteps = False
+        self.default_num_inference_steps = self.config.num_train_timesteps  # every step, as DDPMPipeline runs
 
     def set_timesteps(
         self,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from minidiff.config import setting
+from minidiff.noise import Generator
 from minidiff.schedulers.base import NoiseScheduleConfig, Scheduler, SchedulerOutput, spaced_timesteps
 
 
@@ -71,10 +72,10 @@ class PNDMScheduler(Scheduler):
         denominator = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
         return sample_coeff * sample - (alpha_bar_prev - alpha_bar) * eps / denominator
 
-    def step(
-        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
-    ) -> SchedulerOutput | tuple[torch.Tensor]:
-        """One evaluation's worth of progress. pred_original_sample is not defined here (None)."""
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: Generator = None, return_dict: bool = True) -> SchedulerOutput | tuple[torch.Tensor]:
+        """One evaluation's worth of progress. pred_original_sample is not defined here (None). `generator` is
+        taken, as every scheduler's step takes it, and unused: PNDM draws no noise."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
         if self.counter < len(self.prk_timesteps):

@@ -38,7 +38,6 @@ from minidiff.training.loop import Task
 from minidiff.training.personalize import LatentDenoisingLoss, SDModel, sampler
 from minidiff.training.shapes import CaptionedShapes, caption_scene, shape_scenes
 
-MODES = ("vae", "text-to-image")
 # weights/tiny-sd's sizes. 64x64 images -> 16x16x4 latents (two downsamplings); the text encoder keeps CLIP's
 # vocabulary (49,408 rows: most of its parameters) at width 64.
 TINY_VAE = dict(block_out_channels=[16, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
@@ -60,13 +59,6 @@ SD_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "be
 # (epsilon says nothing at SNR 0), and start sampling at t = T ("trailing" steps). train.py --zero-terminal-snr.
 ZERO_SNR_SCHEDULER = {**SD_SCHEDULER, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
                       "timestep_spacing": "trailing"}
-# The loop settings of the two stages where they differ from TrainConfig's (weights/tiny-sd's recipe)
-DEFAULTS = {
-    "vae": dict(learning_rate=1e-3, batch_size=32, max_steps=1200, lr_warmup_steps=100, lr_schedule="cosine",
-                adam_beta1=0.9, sample_steps=20),
-    "text-to-image": dict(learning_rate=1e-3, batch_size=64, max_steps=1800, lr_warmup_steps=200,
-                          lr_schedule="cosine", adam_beta1=0.9, ema_decay=0.999, sample_steps=20),
-}
 SCALE_IMAGES = 512  # images encoded to measure std(z) for the scaling factor
 
 

@@ -14,7 +14,7 @@ Each example gets its own generator, seeded from the run's stream, so the noise 
 depend on how the global batch is split into processes and micro-batches: 2 processes x batch 1, 1 process x
 accumulation 2 x batch 1 and 1 process x batch 2 see the same examples, flips, timesteps and noise.
 
-A mode (ddpm, class-conditioned, later dreambooth, textual inversion) plugs in as a Task: the module to
+A mode (ddpm, class-conditioned, dreambooth, ...: modes.py lists them) plugs in as a Task: the module to
 train, whose forward(batch, generators) returns the loss; the dataset; a function that saves the final model;
 and optionally one that draws a sample grid.
 """

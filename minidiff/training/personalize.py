@@ -39,15 +39,6 @@ from minidiff.schedulers import DDIMScheduler, DDPMScheduler
 from minidiff.training.data import ImageDataset, image_files, load_image_folder
 from minidiff.training.loop import Task, denoising_loss, enable_gradient_checkpointing
 
-MODES = ("dreambooth", "textual-inversion")
-# The loop settings of diffusers' examples/dreambooth and examples/textual_inversion READMEs, where they differ
-# from TrainConfig's (which follow train_unconditional.py). Textual inversion's 2e-3 is their 5e-4 times
-# --scale_lr's factor, the global batch of 4.
-DEFAULTS = {
-    "dreambooth": dict(learning_rate=5e-6, batch_size=1, max_steps=400, adam_beta1=0.9, adam_weight_decay=1e-2),
-    "textual-inversion": dict(learning_rate=2e-3, batch_size=1, gradient_accumulation_steps=4, max_steps=3000,
-                              adam_beta1=0.9, adam_weight_decay=1e-2),
-}
 # diffusers' examples/textual_inversion/textual_inversion.py (imagenet_templates_small and the style ones)
 OBJECT_TEMPLATES = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",

@@ -21,11 +21,9 @@ from minidiff.loading.model_folder import ModelFolderError, load_pixel_pipeline,
 from minidiff.models.class_conditioned import ClassConditionedConfig, ClassConditionedUNet, digits_unet_config
 from minidiff.models.unet import UNet2DConfig, UNet2DModel
 from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE, PixelPipeline
-from minidiff.schedulers import DDIMScheduler, DDPMScheduler
+from minidiff.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from minidiff.training.data import ImageDataset
 from minidiff.training.loop import Task, denoising_loss, enable_gradient_checkpointing
-
-MODES = ("ddpm", "class-conditioned")
 
 
 class PixelDenoisingLoss(nn.Module):
@@ -35,7 +33,7 @@ class PixelDenoisingLoss(nn.Module):
     label_dropout: the probability that an example's label is replaced by the "no class" label (a
     classifier_free ClassConditionedUNet), drawn from the example's generator: classifier-free guidance training."""
 
-    def __init__(self, unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, label_dropout: float = 0.0) -> None:
+    def __init__(self, unet: nn.Module, scheduler: Scheduler, label_dropout: float = 0.0) -> None:
         super().__init__()
         self.unet = unet
         self.scheduler = scheduler
