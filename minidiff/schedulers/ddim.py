@@ -12,6 +12,20 @@ from minidiff.noise import Generator, randn_tensor
 from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, spaced_timesteps
 
 
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor,
+                eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The DDIM step from x_t, given its x_0 and eps, to the earlier step whose alpha_bar is alpha_bar_prev.
+
+        sigma^2 = eta^2 (1 - alpha_bar_prev) / (1 - alpha_bar) (1 - alpha_bar / alpha_bar_prev)       eq. 16
+        x_prev  = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z          eq. 12
+    """
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+    std = eta * variance**0.5
+    # clamped: with eta = 1 and alpha_bar ~ 0 rounding can make it -1e-8, where diffusers 0.42 returns NaN
+    x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - std**2).clamp(min=0) ** 0.5 * eps
+    return x_prev if noise is None else x_prev + std * noise
+
+
 @dataclass
 class DDIMConfig(X0Config):
     set_alpha_to_one: bool = True  # alpha_bar "before" the first step: 1, or alpha_bar_1 (Stable Diffusion)
@@ -65,16 +79,9 @@ class DDIMScheduler(Scheduler):
         else:  # v_prediction
             eps = alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * sample
 
-        # DDIM eq. 16: sigma_t(eta)^2 = eta^2 (1 - alpha_bar_prev) / (1 - alpha_bar) (1 - alpha_bar / alpha_bar_prev)
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
-        std = eta * variance**0.5
-        # DDIM eq. 12: x_{t-1} = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma_t^2) eps + sigma_t z
-        # (clamped: with eta = 1 and alpha_bar ~ 0 rounding can make it -1e-8, where diffusers 0.42 returns NaN)
-        prev_sample = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - std**2).clamp(min=0) ** 0.5 * eps
-        if eta > 0:
-            if variance_noise is None:
-                variance_noise = randn_tensor(
-                    model_output.shape, generator, device=model_output.device, dtype=model_output.dtype
-                )
-            prev_sample = prev_sample + std * variance_noise
+        noise = None
+        if eta > 0:  # only then is noise drawn, so that the generator's later draws stay diffusers'
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator, device=model_output.device, dtype=model_output.dtype)
+        prev_sample = ddim_update(x0, eps, alpha_bar, alpha_bar_prev, eta, noise)
         return SchedulerOutput(prev_sample, x0) if return_dict else (prev_sample, x0)

@@ -17,6 +17,20 @@ from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, space
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
+def ddpm_posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                        alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    """The mean of q(x_prev | x_t, x_0), DDPM eq. 7, with ab = alpha_bar and alpha = ab / ab_prev (so that it
+    also holds over skipped steps):
+
+        mu = sqrt(ab_prev) (1 - alpha) / (1 - ab) x_0 + sqrt(alpha) (1 - ab_prev) / (1 - ab) x_t
+
+    A DDPM step is x_prev = mu + sigma_t z (sigma_t: DDPMScheduler._std), with no noise at the last step."""
+    alpha = alpha_bar / alpha_bar_prev
+    x0_coeff = alpha_bar_prev**0.5 * (1 - alpha) / (1 - alpha_bar)
+    xt_coeff = alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    return x0_coeff * x0 + xt_coeff * x_t
+
+
 @dataclass
 class DDPMConfig(X0Config):
     variance_type: str = setting("fixed_small", choices=VARIANCE_TYPES)  # sigma_t^2 of the reverse step
@@ -105,14 +119,8 @@ class DDPMScheduler(Scheduler):
 
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-        alpha = alpha_bar / alpha_bar_prev
         x0 = self.predict_x0(model_output, sample, alpha_bar)
-
-        # DDPM eq. 7, the posterior mean:
-        # mu = sqrt(alpha_bar_prev) beta / (1 - alpha_bar) x_0 + sqrt(alpha) (1 - alpha_bar_prev) / (1 - alpha_bar) x_t
-        x0_coeff = alpha_bar_prev**0.5 * (1 - alpha) / (1 - alpha_bar)
-        xt_coeff = alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
-        prev_sample = x0_coeff * x0 + xt_coeff * sample
+        prev_sample = ddpm_posterior_mean(x0, sample, alpha_bar, alpha_bar_prev)
         if t > 0:
             noise = randn_tensor(model_output.shape, generator, device=model_output.device, dtype=model_output.dtype)
             prev_sample = prev_sample + self._std(alpha_bar, alpha_bar_prev, predicted_variance) * noise

@@ -24,6 +24,19 @@ from minidiff.noise import Generator
 from minidiff.schedulers.base import NoiseScheduleConfig, Scheduler, SchedulerOutput, spaced_timesteps
 
 
+def pndm_transfer(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
+                  alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    """PNDM eq. 9, the transfer x_t -> x_prev along a noise estimate eps (DDIM's deterministic update written in
+    one fraction, which is how the numbers stay diffusers'):
+
+        x_prev = sqrt(ab_prev / ab) x_t - (ab_prev - ab) eps / (ab sqrt(1 - ab_prev) + sqrt(ab (1 - ab) ab_prev))
+
+    The sampler's work is the eps it feeds in: Runge-Kutta (eq. 13) or linear multistep (eq. 12) combinations."""
+    sample_coeff = (alpha_bar_prev / alpha_bar) ** 0.5
+    denominator = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
+    return sample_coeff * x_t - (alpha_bar_prev - alpha_bar) * eps / denominator
+
+
 @dataclass
 class PNDMConfig(NoiseScheduleConfig):
     skip_prk_steps: bool = False  # True (Stable Diffusion): a 2-evaluation warm-up instead of Runge-Kutta
@@ -63,14 +76,12 @@ class PNDMScheduler(Scheduler):
         self._reset()
 
     def transfer(self, sample: torch.Tensor, t, prev_t, eps: torch.Tensor) -> torch.Tensor:
-        """PNDM eq. 9 (DDIM's deterministic update written in one fraction): x_t, eps -> x_{prev_t}."""
+        """pndm_transfer between two of the schedule's steps (eps from v first, for a v-prediction model)."""
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         if self.config.prediction_type == "v_prediction":  # eps from v (Salimans & Ho 2022)
             eps = alpha_bar**0.5 * eps + (1 - alpha_bar) ** 0.5 * sample
-        sample_coeff = (alpha_bar_prev / alpha_bar) ** 0.5
-        denominator = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
-        return sample_coeff * sample - (alpha_bar_prev - alpha_bar) * eps / denominator
+        return pndm_transfer(sample, eps, alpha_bar, alpha_bar_prev)
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: Generator = None, return_dict: bool = True) -> SchedulerOutput | tuple[torch.Tensor]:
