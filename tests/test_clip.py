@@ -40,7 +40,7 @@ from minidiff.convert.keymaps.clip import (
     text_encoder_from_sd,
 )
 from minidiff.loading.textual_inversion import load_textual_inversion
-from minidiff.models import clip
+from minidiff.models import clip, clip_images
 
 ATOL = 1e-6
 # runwayml/stable-diffusion-v1-5 text_encoder/config.json, as the hub has it; stabilityai/stable-diffusion-2-1's
@@ -432,7 +432,7 @@ def test_preprocess_images_is_identical_to_transformers():
     palette = Image.fromarray(rng.integers(0, 16, (120, 90), dtype=np.uint8), "P")
     palette.info["transparency"] = 3
     images.append(palette)
-    ours = clip.preprocess_images(images)
+    ours = clip_images.preprocess_images(images)
     theirs = CLIPImageProcessorPil()(images=images, return_tensors="pt")["pixel_values"]
     assert ours.shape == (8, 3, 224, 224) and ours.dtype == torch.float32 and torch.equal(ours, theirs)
 
@@ -443,8 +443,8 @@ def test_preprocess_images_is_identical_to_transformers():
               for size in [(480, 640), (80, 50)]]
     for image in smooth:
         rgb = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None] / 255).requires_grad_()
-        approx = clip.preprocess_tensor(rgb)
-        difference = (approx - clip.preprocess_images([image])).abs()
+        approx = clip_images.preprocess_tensor(rgb)
+        difference = (approx - clip_images.preprocess_images([image])).abs()
         assert difference.max() < 0.03 and difference.mean() < 0.006, (difference.max(), difference.mean())
         approx.sum().backward()
     assert rgb.grad.abs().sum() > 0

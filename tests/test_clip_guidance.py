@@ -20,7 +20,8 @@ from diffusers import UNet2DModel as DiffusersUNet2DModel
 from helpers import seeded
 
 from minidiff.convert.keymaps.unet import unet2d_from_diffusers
-from minidiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, _normalize, preprocess_tensor
+from minidiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from minidiff.models.clip_images import normalize_clip_input, preprocess_tensor
 from minidiff.models.tokenizer import CLIPTokenizer
 from minidiff.models.unet import UNet2DConfig, UNet2DModel
 from minidiff.pipelines.clip_guidance import (
@@ -194,7 +195,7 @@ def test_guided_loop_matches_the_course_notebook(models, augment, index):
         generator = seeded(3)
 
         def tfms(image):
-            return _normalize(random_cutouts(image / 2 + 0.5, 1, SIZE, generator))
+            return normalize_clip_input(random_cutouts(image / 2 + 0.5, 1, SIZE, generator))
     else:
 
         def tfms(image):
@@ -220,7 +221,7 @@ def test_the_mean_over_cuts_has_the_course_accumulated_gradient(models):
     ours = torch.autograd.grad(loss(x0), x0)[0]
     generator, cond_grad = seeded(5), 0
     for _cut in range(4):
-        features = clip_model.get_image_features(_normalize(random_cutouts(x0 / 2 + 0.5, 1, SIZE, generator)))
+        features = clip_model.get_image_features(normalize_clip_input(random_cutouts(x0 / 2 + 0.5, 1, SIZE, generator)))
         cond_grad -= torch.autograd.grad(course_distances(features, loss.text_features), x0)[0] / 4
     assert (ours + cond_grad).abs().max() <= 2e-6 * cond_grad.abs().max()  # measured 4.4e-7
 

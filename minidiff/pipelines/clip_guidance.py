@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minidiff.models.clip import CLIPModel, _normalize, preprocess_tensor
+from minidiff.models.clip import CLIPModel
+from minidiff.models.clip_images import normalize_clip_input, preprocess_tensor
 from minidiff.models.tokenizer import CLIPTokenizer
 from minidiff.pipelines.guidance import GradScale, LossGuidance, course_sqrt_alpha_bar
 
@@ -123,7 +124,7 @@ class CLIPGuidanceLoss:
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         images = x0 / 2 + 0.5  # CLIP's normalization expects [0, 1]
         if self.augment:
-            views = _normalize(random_cutouts(images, self.n_cuts, self.size, self.generator))
+            views = normalize_clip_input(random_cutouts(images, self.n_cuts, self.size, self.generator))
         else:
             views = preprocess_tensor(images, self.size)
         return spherical_distance_loss(self.clip_model.get_image_features(views), self.text_features)
