@@ -204,6 +204,21 @@ def test_txt2img_user_latents_pndm(tiny, folder):
                 num_inference_steps=6)
 
 
+def test_course_scheduler_swap(tiny, folder):
+    """The course's swap, pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config), on SD 1.5's PNDM
+    scheduler_config.json: the file's clip_sample=False survives the swap on both sides (minidiff used to drop
+    it and clip x_0: uint8 max diff 216 at SD 1.5 size), so the images are the same; with clipping they are not."""
+    reference, ours = pipelines(tiny, folder, scheduler="pndm")
+    reference.scheduler = DiffusersDDIM.from_config(reference.scheduler.config)
+    ours.scheduler = DDIMScheduler.from_config(ours.scheduler.config)
+    assert ours.scheduler.config.clip_sample is False and reference.scheduler.config.clip_sample is False
+    kwargs = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10)
+    swapped = assert_same(reference, ours, **kwargs)
+    ours.scheduler = DDIMScheduler.from_config(ours.scheduler.config, clip_sample=True)
+    clipped, _ = both(reference, ours, **kwargs)
+    assert (clipped - swapped).abs().max().item() > 1e-2  # the case exercises the clipping
+
+
 def test_txt2img_guidance_rescale_and_eta(tiny, folder):
     """guidance_rescale 0.7 (Lin et al. 2024) and DDIM with eta 0.5 (noise from the generator at every step)."""
     reference, ours = pipelines(tiny, folder)
