@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from minidiff.config import CLASSES, DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
-from minidiff.models.layers import ACTIVATIONS, Attention, TimestepEmbedding, timestep_embedding
-from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
+from minidiff.models.layers import Attention, TimestepEmbedding, timestep_embedding
+from minidiff.models.unet_blocks import UNetSkeleton, check_block_types, unet_blocks
 
 
 @dataclass
@@ -60,22 +60,9 @@ class UNet2DConfig:
 
     def __post_init__(self):
         validate(self)
-        # diffusers accepts the old block names "UNetResDownBlock2D", ... for the same blocks.
-        self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
-        self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
-        need = partial(require, self)
-        channels = self.block_out_channels
-        need(len(self.down_block_types) == len(channels) == len(self.up_block_types),
-             f"down_block_types, block_out_channels and up_block_types must have the same length, got "
-             f"{len(self.down_block_types)}, {len(channels)}, {len(self.up_block_types)}")
-        for kind in self.down_block_types + self.up_block_types:
-            need(kind in ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"),
-                 f"unsupported block type {kind!r}; minidiff's pixel UNet has (Attn)DownBlock2D, (Attn)UpBlock2D")
-        need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
-             f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
-        need(self.act_fn.lower() in ACTIVATIONS, f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
-        bad = [c for c in channels if c % self.norm_num_groups]
-        need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        check_block_types(self, ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"),
+                          "minidiff's pixel UNet has (Attn)DownBlock2D, (Attn)UpBlock2D")
+        need, channels = partial(require, self), self.block_out_channels
         attn_groups = self.attn_norm_num_groups or self.norm_num_groups
         need(channels[-1] % attn_groups == 0,
              f"block_out_channels[-1] = {channels[-1]} is not divisible by attn_norm_num_groups {attn_groups}")

@@ -28,7 +28,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from minidiff.models.layers import Downsample, ResnetBlock, Upsample
+from minidiff.config import require
+from minidiff.models.layers import ACTIVATIONS, Downsample, ResnetBlock, Upsample
 
 MakeResnet = Callable[[int, int], ResnetBlock]  # (in_channels, out_channels) -> a ResnetBlock
 MakeAttention = Callable[[], nn.Module]  # -> the attention after one ResnetBlock
@@ -48,6 +49,26 @@ class UNetConfig(Protocol):
     norm_eps: float
     dropout: float
     act_fn: str
+
+
+def check_block_types(config: UNetConfig, kinds: tuple[str, ...], kinds_text: str) -> None:
+    """What both UNet configs check of their blocks (called from their __post_init__): diffusers' old names
+    ("UNetResDownBlock2D", ...) read as today's; one down and one up block per level, each a known kind
+    (`kinds`, described to the user as `kinds_text`) on its own side; act_fn known; every width a multiple
+    of the GroupNorm groups."""
+    config.down_block_types = tuple(t.removeprefix("UNetRes") for t in config.down_block_types)
+    config.up_block_types = tuple(t.removeprefix("UNetRes") for t in config.up_block_types)
+    need, channels = partial(require, config), config.block_out_channels
+    need(len(config.down_block_types) == len(channels) == len(config.up_block_types), "down_block_types, "
+         f"block_out_channels and up_block_types must have the same length, got {len(config.down_block_types)}, "
+         f"{len(channels)}, {len(config.up_block_types)}")
+    for kind in config.down_block_types + config.up_block_types:
+        need(kind in kinds, f"unsupported block type {kind!r}; {kinds_text}")
+    need(all("Down" in k for k in config.down_block_types) and all("Up" in k for k in config.up_block_types),
+         f"down/up block types are swapped: {config.down_block_types}, {config.up_block_types}")
+    need(config.act_fn.lower() in ACTIVATIONS, f"act_fn {config.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
+    bad = [c for c in channels if c % config.norm_num_groups]
+    need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {config.norm_num_groups}")
 
 
 class DownBlock(nn.Module):

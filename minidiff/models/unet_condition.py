@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
-from minidiff.models.layers import ACTIVATIONS, TimestepEmbedding, activation, timestep_embedding
+from minidiff.models.layers import TimestepEmbedding, activation, timestep_embedding
 from minidiff.models.transformer import Transformer2D
-from minidiff.models.unet_blocks import UNetSkeleton, unet_blocks
+from minidiff.models.unet_blocks import UNetSkeleton, check_block_types, unet_blocks
 
 
 @dataclass
@@ -64,25 +64,13 @@ class UNet2DConditionConfig:
 
     def __post_init__(self):
         validate(self)
-        self.down_block_types = tuple(t.removeprefix("UNetRes") for t in self.down_block_types)
-        self.up_block_types = tuple(t.removeprefix("UNetRes") for t in self.up_block_types)
-        need = partial(require, self)
-        channels = self.block_out_channels
-        need(len(self.down_block_types) == len(channels) == len(self.up_block_types), "down_block_types, "
-             f"block_out_channels and up_block_types must have the same length, got {len(self.down_block_types)}, "
-             f"{len(channels)}, {len(self.up_block_types)}")
-        for kind in self.down_block_types + self.up_block_types:
-            need(kind in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 f"unsupported block type {kind!r}; minidiff has (CrossAttn)DownBlock2D and (CrossAttn)UpBlock2D")
-        need(all("Down" in k for k in self.down_block_types) and all("Up" in k for k in self.up_block_types),
-             f"down/up block types are swapped: {self.down_block_types}, {self.up_block_types}")
+        check_block_types(self, ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                          "minidiff has (CrossAttn)DownBlock2D and (CrossAttn)UpBlock2D")
+        need, channels = partial(require, self), self.block_out_channels
         for name in ("transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
             value = getattr(self, name)
             need(not isinstance(value, tuple) or len(value) == len(channels), f"{name} must be a positive int or a "
                  f"list of {len(channels)} (one per down block), got {value!r}")
-        need(self.act_fn.lower() in ACTIVATIONS, f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
-        bad = [c for c in channels if c % self.norm_num_groups]
-        need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
         wide = [(c, h) for c, h in zip(channels, self.heads, strict=True) if h > c]
         need(not wide, f"more attention heads than channels (channels, heads): {wide}; for this model "
              "attention_head_dim is the number of heads")
