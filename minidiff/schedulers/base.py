@@ -175,7 +175,7 @@ class FrozenConfig(dict):
 class Scheduler:
     """What DDPM and DDIM share: the schedule, q(x_t | x_0), the choice of timesteps, and x_0 from the output."""
 
-    config_class: type[NoiseScheduleConfig] = X0Config
+    config_class: type[NoiseScheduleConfig] = NoiseScheduleConfig
     order = 1  # model evaluations per step
     init_noise_sigma = 1.0  # x_T ~ N(0, I): the initial noise needs no scaling
     default_num_inference_steps = 50  # a pipeline's default, as diffusers' DDIMPipeline (DDPM: every step)
@@ -248,16 +248,31 @@ class Scheduler:
     # 2. What the network predicts
 
     def predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """x_0 from the network output at x_t, by inverting eq. 4 for each parameterisation, then clipped
-        (or dynamically thresholded) as the config says."""
+        """x_0 from the network output at x_t, by inverting eq. 4 for each parameterisation, then limited as
+        the sampler does (limit_x0)."""
         if self.config.prediction_type == "epsilon":  # DDPM eq. 15
             x0 = (sample - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
         elif self.config.prediction_type == "sample":
             x0 = model_output
         else:  # v_prediction: x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
             x0 = alpha_bar**0.5 * sample - (1 - alpha_bar) ** 0.5 * model_output
-        if getattr(self.settings, "thresholding", False):  # DDPM and DDIM have these settings, PNDM not
-            return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        if getattr(self.settings, "clip_sample", False):
-            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return self.limit_x0(x0)
+
+    def limit_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """The predicted x_0 as the sampler uses it: as it is here (X0ClippingScheduler clips it)."""
+        return x0
+
+
+class X0ClippingScheduler(Scheduler):
+    """DDPM and DDIM: samplers that can keep the predicted x_0 inside the data's range (X0Config)."""
+
+    config_class: type[X0Config] = X0Config
+
+    def limit_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding (Imagen) if the config asks for it, else clipping to +-clip_sample_range if it
+        asks for that, else x_0 as it is."""
+        if self.settings.thresholding:
+            return dynamic_threshold(x0, self.settings.dynamic_thresholding_ratio, self.settings.sample_max_value)
+        if self.settings.clip_sample:
+            return x0.clamp(-self.settings.clip_sample_range, self.settings.clip_sample_range)
         return x0

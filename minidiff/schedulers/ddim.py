@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minidiff.noise import Generator, randn_tensor
-from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, spaced_timesteps
+from minidiff.schedulers.base import SchedulerOutput, X0ClippingScheduler, X0Config, spaced_timesteps
 
 
 def ddim_update(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor,
@@ -31,7 +31,7 @@ class DDIMConfig(X0Config):
     set_alpha_to_one: bool = True  # alpha_bar "before" the first step: 1, or alpha_bar_1 (Stable Diffusion)
 
 
-class DDIMScheduler(Scheduler):
+class DDIMScheduler(X0ClippingScheduler):
     """Song et al. 2021. eta = 0 is the deterministic DDIM; eta = 1 is DDPM's ancestral sampler on the same steps."""
 
     config_class = DDIMConfig

@@ -12,7 +12,7 @@ import torch
 
 from minidiff.config import setting
 from minidiff.noise import Generator, randn_tensor
-from minidiff.schedulers.base import Scheduler, SchedulerOutput, X0Config, spaced_timesteps
+from minidiff.schedulers.base import SchedulerOutput, X0ClippingScheduler, X0Config, spaced_timesteps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -36,7 +36,7 @@ class DDPMConfig(X0Config):
     variance_type: str = setting("fixed_small", choices=VARIANCE_TYPES)  # sigma_t^2 of the reverse step
 
 
-class DDPMScheduler(Scheduler):
+class DDPMScheduler(X0ClippingScheduler):
     """Ho et al. 2020. Each step draws x_{t-1} ~ N(mu(x_t, x_0), sigma_t^2 I), with x_0 predicted by the network."""
 
     config_class = DDPMConfig
