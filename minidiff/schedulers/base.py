@@ -173,7 +173,7 @@ class FrozenConfig(dict):
 
 
 class Scheduler:
-    """What DDPM and DDIM share: the schedule, q(x_t | x_0), the choice of timesteps, and x_0 from the output."""
+    """What every sampler shares: the schedule, q(x_t | x_0), the choice of timesteps, and x_0 from the output."""
 
     config_class: type[NoiseScheduleConfig] = NoiseScheduleConfig
     order = 1  # model evaluations per step
