@@ -41,7 +41,7 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-ACTIVATIONS = {  # transformers' hidden_act names
+HIDDEN_ACTS = {  # transformers' hidden_act names
     "quick_gelu": quick_gelu,  # OpenAI CLIP ViT-L/14 = the SD 1.x text encoder
     "gelu": F.gelu,  # exact (erf) GELU: open_clip ViT-H = the SD 2.x text encoder
     "gelu_new": gelu_new,
@@ -61,7 +61,7 @@ class CLIPTextConfig:
     num_hidden_layers: int = setting(12, min=1, max=LAYERS)
     num_attention_heads: int = setting(8, min=1, max=WIDTH)
     max_position_embeddings: int = setting(77, min=1, max=POSITIONS)  # the longest sequence (BOS + 75 tokens + EOS)
-    hidden_act: str = setting("quick_gelu", choices=ACTIVATIONS)
+    hidden_act: str = setting("quick_gelu", choices=HIDDEN_ACTS)
     layer_norm_eps: float = setting(1e-5, above=0)
     pad_token_id: int | None = 1
     bos_token_id: int | None = 49406
@@ -90,7 +90,7 @@ class CLIPVisionConfig:
     num_channels: int = setting(3, min=1, max=WIDTH)
     image_size: int = setting(224, min=1, max=SIDE)  # square input images of this side
     patch_size: int = setting(32, min=1, max=SIDE)  # one token per patch_size x patch_size patch
-    hidden_act: str = setting("quick_gelu", choices=ACTIVATIONS)
+    hidden_act: str = setting("quick_gelu", choices=HIDDEN_ACTS)
     layer_norm_eps: float = setting(1e-5, above=0)
 
     def __post_init__(self):
@@ -177,7 +177,7 @@ class CLIPMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.act = ACTIVATIONS[act]
+        self.act = HIDDEN_ACTS[act]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
