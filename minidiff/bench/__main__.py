@@ -93,9 +93,6 @@ def bench_tokenizer(impl: str) -> dict:
 
 # ---- Stable Diffusion -----------------------------------------------------------------------------------------
 
-SD15_DIR = "runwayml__stable-diffusion-v1-5"
-
-
 def make_sd_folders(workdir: Path) -> tuple[Path, Path]:
     """A random-init SD 1.5-architecture diffusers pipeline folder (built once) and its minidiff conversion."""
     ref, ours = workdir / "sd15-diffusers", workdir / "sd15-minidiff"

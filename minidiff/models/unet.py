@@ -11,7 +11,7 @@ self-attention among the pixels (layers.Attention). Compare unet_condition.py, w
 
 Reference: diffusers 0.42 models/unets/unet_2d.py and unet_2d_blocks.py (DownBlock2D, AttnDownBlock2D,
 UNetMidBlock2D, UpBlock2D, AttnUpBlock2D). Module names equal diffusers' names, so a modern diffusers
-state dict loads by identity (see minidiff/convert/cli.py for the legacy names of old hub checkpoints).
+state dict loads by identity (see minidiff/convert/keymaps/unet.py for the legacy names of old hub checkpoints).
 """
 
 from dataclasses import dataclass
