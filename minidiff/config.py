@@ -150,6 +150,22 @@ def from_json_dict(cls, d: dict, ignore: Iterable[str] = ()):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def config_from(cls, config: object = None, kwargs: dict | None = None):
+    """The config a model is built from: a `cls` instance, a config.json dict (read by cls.from_dict), or
+    diffusers-style keyword arguments, `UNet2DModel(sample_size=28, ...)`, where a name that is not a field of
+    `cls` is a TypeError; neither gives the defaults."""
+    if kwargs:
+        if config is not None:
+            raise TypeError(f"pass a {cls.__name__} or keyword arguments, not both")
+        names = {field.name for field in dataclasses.fields(cls)}
+        if unknown := sorted(set(kwargs) - names):
+            raise TypeError(f"unexpected keyword arguments {unknown}: not fields of {cls.__name__}")
+        config = kwargs
+    if isinstance(config, dict):
+        return cls.from_dict(config) if hasattr(cls, "from_dict") else cls(**config)
+    return cls() if config is None else config
+
+
 def to_json_dict(config: object) -> dict:
     """A config dataclass -> a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -20,10 +20,10 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def output_diff(reference: nn.Module, ours: nn.Module, *inputs, **kwargs) -> float:
-    """The largest difference between a diffusers model's `.sample` and minidiff's output on the same inputs."""
+    """The largest difference between a diffusers model's `.sample` and minidiff's `.sample`."""
     with torch.no_grad():
         expected = reference(*inputs, **kwargs).sample
-        got = ours(*inputs, **kwargs)
+        got = ours(*inputs, **kwargs).sample
     assert got.shape == expected.shape
     return max_diff(got, expected)
 

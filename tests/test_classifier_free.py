@@ -9,6 +9,7 @@ import torch
 
 import train
 from minidiff.models.class_conditioned import ClassConditionedConfig, ClassConditionedUNet
+from minidiff.models.outputs import UNet2DOutput
 from minidiff.models.unet import UNet2DConfig
 from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE, PixelPipeline
 from minidiff.schedulers import DDIMScheduler, DDPMScheduler
@@ -46,8 +47,8 @@ def test_guided_loop_matches_the_formula(cfg_scale):
     x = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps_class = model(x, t, labels)
-            eps_none = model(x, t, torch.tensor([3, 3]))  # label num_classes: "no class"
+            eps_class = model(x, t, labels).sample
+            eps_none = model(x, t, torch.tensor([3, 3])).sample  # label num_classes: "no class"
             eps = eps_class if cfg_scale == 1.0 else eps_none + cfg_scale * (eps_class - eps_none)
             x = scheduler.step(eps, t, x).prev_sample
     # the pipeline runs both labels in one batch of 2B, the hand loop in two: other kernels, ~5e-6 apart at scale 3
@@ -73,7 +74,7 @@ def test_label_dropout_replaces_that_fraction_of_labels():
 
         def forward(self, x, t, labels):
             seen.append(labels)
-            return torch.zeros_like(x)
+            return UNet2DOutput(torch.zeros_like(x))
 
     batch = {"images": torch.zeros(400, 1, 8, 8), "class_labels": torch.full((400,), 1)}
     generators = [torch.Generator().manual_seed(i) for i in range(400)]

@@ -262,7 +262,7 @@ def test_dtype_option_stores_and_loads_that_dtype(tiny, tmp_path, name, dtype, c
     x = torch.randn(1, 3, 16, 16, generator=seeded(0))
     with torch.no_grad():
         expected = tiny.pipe.unet(x, 500).sample
-        got = ours.unet(x.to(dtype), 500)
+        got = ours.unet(x.to(dtype), 500).sample
     assert got.dtype == dtype
     # Low precision runs and stays near fp32: 8 (bf16) or 11 (fp16) bits of mantissa through ~30 layers;
     # measured 1.7e-3 (fp16) and 1.5e-2 (bf16) on outputs of size ~1.

@@ -38,7 +38,7 @@ def test_vae_folder_and_scaling_factor(vae_dir):
     generator = torch.Generator().manual_seed(123)
     images = torch.stack([shapes.example(i, generator)["images"] for i in range(128)])
     with torch.no_grad():
-        z = vae.encode(images).sample(generator) * vae.config.scaling_factor
+        z = vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
     assert 0.85 < z.std().item() < 1.15
     assert vae.config.scaling_factor != 0.18215
 
@@ -70,7 +70,7 @@ def test_scaling_factor_is_one_over_latent_std():
     generator = torch.Generator().manual_seed(1)
     images = torch.stack([shapes.example(i, generator)["images"] for i in range(256)])
     with torch.no_grad():
-        std = vae.encode(images).sample(generator).std().item()
+        std = vae.encode(images).latent_dist.sample(generator).std().item()
     assert factor * std == pytest.approx(1.0, rel=0.1)
 
 

@@ -93,9 +93,9 @@ def test_celebahq_256_full_size_and_legacy_names():
     assert "down_blocks.4.attentions.0.proj_attn.weight" in legacy
     assert reference._fix_state_dict_keys_on_load(dict(legacy)).keys() == reference.state_dict().keys()
     with torch.no_grad():
-        before = ours(x, 10)
+        before = ours(x, 10).sample
         ours.load_state_dict(unet2d_from_diffusers(legacy, ours.config), assign=True)
-        assert torch.equal(ours(x, 10), before)
+        assert torch.equal(ours(x, 10).sample, before)
 
 
 def test_cifar10_32():
@@ -162,7 +162,7 @@ def test_python_float_timestep_is_not_truncated():
     reference, ours = make_pair(**TINY)
     x = randn(2, 3, 16, 16)
     with torch.no_grad():
-        ours_out = ours(x, 499.5)
+        ours_out = ours(x, 499.5).sample
         assert torch.allclose(ours_out, reference(x, torch.tensor(499.5)).sample, rtol=0, atol=ATOL)
         assert (ours_out - reference(x, 499.5).sample).abs().max() > 1e-4
         assert torch.equal(reference(x, 499.5).sample, reference(x, 499).sample)
@@ -185,7 +185,7 @@ def test_odd_sizes_run_where_diffusers_raises(padding):
     with pytest.raises(RuntimeError):
         reference(x, 5)
     with torch.no_grad():
-        assert ours(x, 5).shape == (2, 3, 30, 26)
+        assert ours(x, 5).sample.shape == (2, 3, 30, 26)
 
 
 # ---- class conditioning --------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_diffusers_class_conditioning(class_embed_type):
               "identity": randn(3, 128, seed=5)}[class_embed_type]  # fmt: skip
     assert output_diff(reference, ours, x, torch.tensor([5, 50, 500]), class_labels=labels) <= ATOL
     with torch.no_grad():
-        assert not torch.allclose(ours(x, 5, labels), ours(x, 5, labels.flip(0)))
+        assert not torch.allclose(ours(x, 5, labels).sample, ours(x, 5, labels.flip(0)).sample)
     with pytest.raises(ValueError, match="class_labels"):
         ours(x, 5)
 
@@ -242,18 +242,18 @@ def test_class_conditioned_unet_matches_course_notebook():
     ours.load_state_dict(class_conditioned_from_course(course.state_dict(), ours.config))
     x, t, labels = randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 7, 9])
     with torch.no_grad():
-        got = ours(x, t, labels)
+        got = ours(x, t, labels).sample
         assert got.shape == (4, 1, 28, 28)
         assert (got - course(x, t, labels)).abs().max().item() <= ATOL
         # The same noisy digit asked for as a different class gets a different prediction.
-        assert (ours(x, t, labels.roll(1)) - got).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+        assert (ours(x, t, labels.roll(1)).sample - got).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
 def test_class_conditioned_config_checks_channels():
     with pytest.raises(ValueError, match="in_channels"):
         ClassConditionedConfig(class_emb_size=4, unet=UNet2DConfig(**TINY))  # in_channels 3 <= 4
     config = ClassConditionedConfig(num_classes=3, class_emb_size=2, unet=dict(TINY, in_channels=5))
-    assert ClassConditionedUNet(config)(randn(2, 3, 16, 16), 5, torch.tensor([0, 2])).shape == (2, 3, 16, 16)
+    assert ClassConditionedUNet(config)(randn(2, 3, 16, 16), 5, torch.tensor([0, 2])).sample.shape == (2, 3, 16, 16)
 
 
 # ---- building blocks the VAE and the text-conditional UNet reuse ----------------------------------------

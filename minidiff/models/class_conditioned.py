@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minidiff.config import CLASSES, WIDTH, require, setting, validate
+from minidiff.config import CLASSES, WIDTH, config_from, require, setting, validate
+from minidiff.models.outputs import UNet2DOutput
 from minidiff.models.unet import UNet2DConfig, UNet2DModel
 
 
@@ -55,11 +56,13 @@ class ClassConditionedConfig:
 
 
 class ClassConditionedUNet(nn.Module):
-    """forward(x (B, C, H, W), t, class_labels (B,) int64) -> (B, out_channels, H, W)."""
+    """forward(x (B, C, H, W), t, class_labels (B,) int64) -> UNet2DOutput, .sample (B, out_channels, H, W)."""
 
-    def __init__(self, config: ClassConditionedConfig | None = None):
+    def __init__(self, config: ClassConditionedConfig | dict | None = None, **kwargs):
+        """From a config, a dict of its fields, or keyword arguments (num_classes=10, class_emb_size=4); none: the
+        notebook's digits model."""
         super().__init__()
-        self.config = config or ClassConditionedConfig()
+        self.config = config_from(ClassConditionedConfig, config, kwargs)
         rows = self.config.num_classes + self.config.classifier_free  # + the "no class" row
         self.class_emb = nn.Embedding(rows, self.config.class_emb_size)
         self.unet = UNet2DModel(self.config.unet)
@@ -72,7 +75,8 @@ class ClassConditionedUNet(nn.Module):
     num_classes = property(lambda self: self.config.num_classes)
     has_null_class = property(lambda self: self.config.classifier_free)  # a "no class" label for CFG
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, class_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, class_labels: torch.Tensor,
+                return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
         B, _, H, W = x.shape
         class_map = self.class_emb(class_labels)[:, :, None, None].expand(B, -1, H, W)  # (B, E) -> (B, E, H, W)
-        return self.unet(torch.cat([x, class_map], dim=1), t)
+        return self.unet(torch.cat([x, class_map], dim=1), t, return_dict=return_dict)

@@ -10,10 +10,12 @@ Both towers project their pooled vector into one shared space, where CLIPModel s
 by cosine similarity (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision", fig. 3). Each layer is x + attn(LN1 x), then x + MLP(LN2 x) (pre-LN, Radford et al. 2019).
 
-The course's Stable Diffusion Deep Dive, step by step: CLIPTextModel.token_embeddings(ids) and
-.position_embeddings(); edit the token embeddings and run forward(inputs_embeds=...), or run .encode() on
-embeddings that already hold their positions (its get_output_embeds); blend_embeddings() mixes two prompts;
-.add_token_embedding() adds a new word (textual inversion: minidiff/loading/textual_inversion.py).
+The course's Stable Diffusion Deep Dive, step by step, with transformers' names: text_encoder.text_model
+.embeddings.token_embedding / .position_embedding / .position_ids; text_model.encoder(inputs_embeds=...,
+causal_attention_mask=causal_attention_mask(B, L)) then text_model.final_layer_norm (its get_output_embeds;
+.encode() does both); get_input_embeddings() and resize_token_embeddings() for textual inversion;
+blend_embeddings() mixes two prompts; .add_token_embedding() adds a new word
+(minidiff/loading/textual_inversion.py).
 
 Reference: transformers 5.23 models/clip/modeling_clip.py and configuration_clip.py, and CLIPImageProcessor's
 PIL backend for preprocess_images. Module names are transformers' (`pre_layrnorm` is their spelling), so their
@@ -29,6 +31,7 @@ from torch import nn
 
 from minidiff.config import SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.attention import multi_head_attention
+from minidiff.models.outputs import ModelOutput
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +170,8 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """mask: None, or bool (B, 1, L, L) with True where query i may attend to key j."""
+        """mask: None, bool (B, 1, L, L) with True where query i may attend to key j, or a float one added to the
+        scores (0 or very negative, as transformers 4.25 built them)."""
         h = multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask,
                                  is_causal=is_causal, scale=self.head_dim**-0.5)  # transformers passes the scale
         return self.out_proj(h)
@@ -199,30 +203,54 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def causal_attention_mask(batch: int, length: int, dtype: torch.dtype = torch.float32,
+                          device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, 1, L, L), added to the attention scores: 0 where query i may see key j <= i, the dtype's most negative
+    number above the diagonal, so later tokens get no weight (transformers 4.25's _build_causal_attention_mask)."""
+    mask = torch.full((batch, length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.triu(1)[:, None]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = may attend) as the float mask that is added to the scores."""
+    if mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -torch.inf)
+
+
+@dataclass
+class EncoderOutput(ModelOutput):
+    last_hidden_state: torch.Tensor  # (B, L, D): the output of the last layer (no final LayerNorm)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # the input of every layer and that output: N + 1
+
+
 class CLIPEncoder(nn.Module):
     def __init__(self, config: CLIPTextConfig | CLIPVisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """-> (output of the last layer, the input of every layer and that output if asked: N + 1 states)."""
-        states = [h]
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                causal_attention_mask: torch.Tensor | None = None, output_attentions: None = None,
+                output_hidden_states: bool | None = False, return_dict: bool | None = True, *,
+                is_causal: bool = False) -> EncoderOutput | tuple:
+        """The N layers on (B, L, D) embeddings. The masks, if given, are combined (see CLIPAttention);
+        is_causal: the causal mask without materialising it. transformers 4.25's arguments, so the Deep Dive's
+        `text_model.encoder(inputs_embeds=..., attention_mask=None, causal_attention_mask=...,
+        output_attentions=None, output_hidden_states=True, return_dict=None)[0]` runs as it is."""
+        if output_attentions:
+            raise ValueError("minidiff's CLIP does not return attention weights")
+        masks = [m for m in (attention_mask, causal_attention_mask) if m is not None]
+        mask = masks[0] if len(masks) == 1 else sum(_additive(m, inputs_embeds.dtype) for m in masks) if masks else None
+        h, states = inputs_embeds, [inputs_embeds]
         for layer in self.layers:
             h = layer(h, mask, is_causal)
             states.append(h)
-        return h, tuple(states) if output_hidden_states else None
-
-
-class _Indexable:
-    """out[0], out[1], ... are the fields that are not None, in order, as with a transformers ModelOutput."""
-
-    def __getitem__(self, i):
-        return tuple(v for v in self.__dict__.values() if v is not None)[i]
+        out = EncoderOutput(h, tuple(states) if output_hidden_states else None)
+        return out if return_dict is not False else out.to_tuple()
 
 
 @dataclass
-class CLIPTextOutput(_Indexable):
+class CLIPTextOutput(ModelOutput):
     last_hidden_state: torch.Tensor  # (B, L, D), after the final LayerNorm
     pooler_output: torch.Tensor | None = None  # (B, D): last_hidden_state at each sequence's EOS
     hidden_states: tuple[torch.Tensor, ...] | None = None  # N + 1 states (B, L, D), embeddings first, no final LN
@@ -230,11 +258,34 @@ class CLIPTextOutput(_Indexable):
 
 
 @dataclass
-class CLIPVisionOutput(_Indexable):
+class CLIPVisionOutput(ModelOutput):
     last_hidden_state: torch.Tensor  # (B, 1 + patches, D), without post_layernorm
     pooler_output: torch.Tensor  # (B, D): post_layernorm of the class token's state
     hidden_states: tuple[torch.Tensor, ...] | None = None  # N + 1 states, the first after pre_layrnorm
     image_embeds: torch.Tensor | None = None  # (B, projection_dim), CLIPVisionModelWithProjection only
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """One learned row per token id, and one per position: input_ids (B, L) -> (B, L, D), their sum."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(1, max_position_embeddings) int64: 0, 1, 2, ... (a buffer in transformers)."""
+        table = self.position_embedding
+        return torch.arange(table.num_embeddings, device=table.weight.device)[None]
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        if position_ids is None:
+            position_ids = self.position_ids[:, : inputs_embeds.shape[1]]
+        return inputs_embeds + self.position_embedding(position_ids)
 
 
 class CLIPTextModel(nn.Module):
@@ -243,21 +294,52 @@ class CLIPTextModel(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config
-        self.embeddings = nn.ModuleDict({  # one learned row per token id, and one per position
-            "token_embedding": nn.Embedding(config.vocab_size, config.hidden_size),
-            "position_embedding": nn.Embedding(config.max_position_embeddings, config.hidden_size),
-        })
+        self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    @property
+    def text_model(self) -> "CLIPTextModel":
+        """The model itself: transformers nests the same parts one level down (text_encoder.text_model.encoder);
+        minidiff keeps them at the top, and this name lets course code reach them the transformers way."""
+        return self
+
+    def _build_causal_attention_mask(self, bsz: int, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """transformers 4.25's name, which the Deep Dive calls: see causal_attention_mask."""
+        return causal_attention_mask(bsz, seq_len, dtype)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (vocab_size, D), as transformers names it."""
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, table: nn.Embedding) -> None:
+        self.embeddings.token_embedding = table
+        self.config.vocab_size = table.num_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Embedding:
+        """Grow (or cut) the token table to new_num_tokens rows, e.g. len(tokenizer) after add_tokens. The new
+        rows start at the mean of the old ones (transformers samples them around that mean); textual inversion
+        then writes its learned vectors there. Returns the new table."""
+        table = self.get_input_embeddings()
+        old = table.weight.detach()
+        rows = old[:new_num_tokens]
+        if new_num_tokens > len(old):
+            rows = torch.cat([old, old.mean(dim=0, keepdim=True).expand(new_num_tokens - len(old), -1)])
+        new_table = nn.Embedding(new_num_tokens, table.embedding_dim, device="meta")
+        new_table.weight = nn.Parameter(rows.clone(), table.weight.requires_grad)
+        self.set_input_embeddings(new_table)
+        return new_table
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False) -> CLIPTextOutput:
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False,
+                return_dict: bool = True) -> CLIPTextOutput | tuple:
         """input_ids (B, L) int, or inputs_embeds (B, L, D): token embeddings to use instead of looking the ids
         up (positions are added here, as in transformers). With inputs_embeds, input_ids are optional and only
         locate the EOS for pooler_output (None without them). attention_mask (B, L): 1 = token, 0 = padding,
         which no later token attends to (SD pipelines pass none: every position, pads included, is used).
 
-        Clip skip k (skip the last k layers): final_layer_norm(out.hidden_states[-(k + 1)])."""
+        Clip skip k (skip the last k layers): final_layer_norm(out.hidden_states[-(k + 1)]).
+        -> out.last_hidden_state = out[0], out.pooler_output = out[1]; return_dict=False: that tuple."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("CLIPTextModel: pass input_ids or inputs_embeds")
@@ -271,7 +353,7 @@ class CLIPTextModel(nn.Module):
             else:  # the first position holding the EOS id (padding may repeat it)
                 eos = (ids == self.config.eos_token_id).int().argmax(dim=-1)
             out.pooler_output = out.last_hidden_state[torch.arange(ids.shape[0], device=eos.device), eos]
-        return out
+        return out if return_dict else out.to_tuple()
 
     def encode(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                output_hidden_states: bool = False) -> CLIPTextOutput:
@@ -284,8 +366,8 @@ class CLIPTextModel(nn.Module):
             # query that sees no key (left padding) comes out of SDPA as zeros, in transformers too.
             causal = torch.ones(L, L, dtype=torch.bool, device=hidden_states.device).tril()
             mask = causal & attention_mask.to(hidden_states.device, torch.bool)[:, None, None, :]  # (B, 1, L, L)
-        h, states = self.encoder(hidden_states, mask, is_causal=mask is None, output_hidden_states=output_hidden_states)
-        return CLIPTextOutput(last_hidden_state=self.final_layer_norm(h), hidden_states=states)
+        out = self.encoder(hidden_states, mask, is_causal=mask is None, output_hidden_states=output_hidden_states)
+        return CLIPTextOutput(self.final_layer_norm(out.last_hidden_state), hidden_states=out.hidden_states)
 
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D): the rows of the token embedding table."""
@@ -316,8 +398,7 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"the new embedding has {row.shape[1]} values; this model's are {table.embedding_dim}")
         new_table = nn.Embedding(table.num_embeddings + 1, table.embedding_dim, device="meta")
         new_table.weight = nn.Parameter(torch.cat([table.weight.detach(), row]), table.weight.requires_grad)
-        self.embeddings.token_embedding = new_table
-        self.config.vocab_size = new_table.num_embeddings
+        self.set_input_embeddings(new_table)
         return new_table.num_embeddings - 1
 
 
@@ -371,8 +452,9 @@ class CLIPVisionModel(nn.Module):
             raise ValueError(f"CLIPVisionModel takes {size}x{size} images, got {tuple(pixel_values.shape[-2:])}: "
                              "use preprocess_images or preprocess_tensor")
         h = self.pre_layrnorm(self.embeddings(pixel_values))
-        h, states = self.encoder(h, output_hidden_states=output_hidden_states)
-        return CLIPVisionOutput(last_hidden_state=h, pooler_output=self.post_layernorm(h[:, 0]), hidden_states=states)
+        out = self.encoder(h, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        return CLIPVisionOutput(h, pooler_output=self.post_layernorm(h[:, 0]), hidden_states=out.hidden_states)
 
 
 class CLIPVisionModelWithProjection(CLIPVisionModel):
@@ -389,7 +471,7 @@ class CLIPVisionModelWithProjection(CLIPVisionModel):
 
 
 @dataclass
-class CLIPOutput(_Indexable):
+class CLIPOutput(ModelOutput):
     logits_per_image: torch.Tensor  # (images, texts): cosine similarity * logit_scale.exp()
     logits_per_text: torch.Tensor  # (texts, images), its transpose
     text_embeds: torch.Tensor  # (texts, projection_dim), unit length

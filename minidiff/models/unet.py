@@ -20,8 +20,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from minidiff.config import CLASSES, DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
+from minidiff.config import CLASSES, DEPTH, LEVELS, SIDE, WIDTH, config_from, from_json_dict, require, setting, validate
 from minidiff.models.layers import Attention, TimestepEmbedding, timestep_embedding
+from minidiff.models.outputs import UNet2DOutput
 from minidiff.models.unet_blocks import UNetSkeleton, check_block_types, unet_blocks
 
 
@@ -91,9 +92,10 @@ class UNet2DModel(UNetSkeleton):
     raises on those).
     """
 
-    def __init__(self, config: UNet2DConfig):
+    def __init__(self, config: UNet2DConfig | dict | None = None, **kwargs):
+        """From a config, a config.json dict, or diffusers' keyword arguments (UNet2DModel(sample_size=28, ...))."""
         super().__init__()
-        self.config = cfg = config
+        self.config = cfg = config_from(UNet2DConfig, config, kwargs)
         channels = cfg.block_out_channels
         temb_dim = cfg.time_embedding_dim or 4 * channels[0]
 
@@ -143,9 +145,10 @@ class UNet2DModel(UNetSkeleton):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_dict: bool = True,
+    ) -> UNet2DOutput | tuple[torch.Tensor]:
         """sample (B, in, H, W), timestep (a number, a 0-d or (B,) tensor), class_labels (B,) ->
-        the prediction (B, out, H, W), returned as a plain tensor (diffusers returns `.sample`).
+        UNet2DOutput with .sample, the prediction (B, out, H, W); return_dict=False: the tuple (sample,).
 
         Unlike diffusers, a Python float timestep is not truncated to an int (diffusers turns 499.5 into
         499); a tensor timestep behaves exactly as in diffusers.
@@ -170,5 +173,6 @@ class UNet2DModel(UNetSkeleton):
             raise ValueError("this UNet has no class embedding (set num_class_embeds or class_embed_type)")
 
         h = self.down_mid_up(self.conv_in(sample), emb)  # down path, skip stack, up path (unet_blocks.py)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        out = self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return UNet2DOutput(out) if return_dict else (out,)
 

@@ -22,8 +22,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
+from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, config_from, from_json_dict, require, setting, validate
 from minidiff.models.layers import TimestepEmbedding, activation, timestep_embedding
+from minidiff.models.outputs import UNet2DOutput
 from minidiff.models.transformer import Transformer2D
 from minidiff.models.unet_blocks import UNetSkeleton, check_block_types, unet_blocks
 
@@ -135,9 +136,10 @@ class UNet2DConditionModel(UNetSkeleton):
     """diffusers' UNet2DConditionModel for SD 1.x/2.x: predicts noise (or v) from noisy latents, a timestep
     and the text encoder's hidden states."""
 
-    def __init__(self, config: UNet2DConditionConfig):
+    def __init__(self, config: UNet2DConditionConfig | dict | None = None, **kwargs):
+        """From a config, a config.json dict, or diffusers' keyword arguments (cross_attention_dim=768, ...)."""
         super().__init__()
-        self.config = cfg = config
+        self.config = cfg = config_from(UNet2DConditionConfig, config, kwargs)
         channels, heads, depth = cfg.block_out_channels, cfg.heads, cfg.per_block("transformer_layers_per_block")
         temb_dim = cfg.time_embedding_dim or 4 * channels[0]
 
@@ -159,10 +161,10 @@ class UNet2DConditionModel(UNetSkeleton):
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor, return_dict: bool = True) -> UNet2DOutput | tuple[torch.Tensor]:
         """sample (B, in_channels, h, w), timestep (a number, a 0-d or (B,) tensor), encoder_hidden_states
-        (B, L, cross_attention_dim) -> the prediction (B, out_channels, h, w), a plain tensor (diffusers
-        returns it as `.sample`)."""
+        (B, L, cross_attention_dim) -> UNet2DOutput with .sample, the prediction (B, out_channels, h, w);
+        return_dict=False: the tuple (sample,)."""
         cfg = self.config
         B = sample.shape[0]
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
@@ -186,4 +188,5 @@ class UNet2DConditionModel(UNetSkeleton):
 
         # The skeleton of unet_blocks.py, with the text passed to every Transformer2D.
         h = self.down_mid_up(self.conv_in(sample), emb, context)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        out = self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return UNet2DOutput(out) if return_dict else (out,)

@@ -11,7 +11,7 @@ autoencoder once and run the diffusion model on its latents.
 
 The scaling factor is NOT applied here. Stable Diffusion's latents have a std of about 1/0.18215, so the
 pipelines multiply encoder samples by `config.scaling_factor` before diffusion and divide by it before
-`decode` (Rombach et al. 2022, sec. 4.3.2 and app. D.1): `vae.decode(latents / vae.config.scaling_factor)`.
+`decode` (Rombach et al. 2022, sec. 4.3.2 and app. D.1): `vae.decode(latents / vae.config.scaling_factor).sample`.
 
 Reference: diffusers 0.42 models/autoencoders/autoencoder_kl.py (AutoencoderKL), vae.py (Encoder, Decoder,
 DiagonalGaussianDistribution), unets/unet_2d_blocks.py (DownEncoderBlock2D, UpDecoderBlock2D,
@@ -25,8 +25,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, from_json_dict, require, setting, validate
+from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, config_from, from_json_dict, require, setting, validate
 from minidiff.models.layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, Upsample
+from minidiff.models.outputs import AutoencoderKLOutput, DecoderOutput
 from minidiff.models.unet_blocks import MidBlock
 from minidiff.noise import Generator, randn_tensor
 
@@ -209,29 +210,36 @@ class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL without tiling or slicing: `encode` images in [-1, 1] to a DiagonalGaussian,
     `decode` latents to images. Both work on unscaled latents: see the module docstring for scaling_factor."""
 
-    def __init__(self, config: AutoencoderKLConfig):
+    def __init__(self, config: AutoencoderKLConfig | dict | None = None, **kwargs):
+        """From a config, a config.json dict, or diffusers' keyword arguments (latent_channels=4, ...)."""
         super().__init__()
-        self.config = cfg = config
+        self.config = cfg = config_from(AutoencoderKLConfig, config, kwargs)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         latent = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x (B, in, H, W) in [-1, 1] -> q(z|x) over (B, latent, H/f, W/f) latents, f = 2**(blocks-1)."""
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussian]:
+        """x (B, in, H, W) in [-1, 1] -> .latent_dist, q(z|x) over (B, latent, H/f, W/f) latents, f =
+        2**(blocks-1); return_dict=False: the tuple (latent_dist,)."""
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        return DiagonalGaussian(h)
+        posterior = DiagonalGaussian(h)
+        return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, latent, h, w), unscaled -> image (B, out, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """z (B, latent, h, w), unscaled -> .sample, the image (B, out, h*f, w*f), roughly in [-1, 1] (not
+        clamped); return_dict=False: the tuple (sample,)."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        image = self.decoder(z)
+        return DecoderOutput(image) if return_dict else (image,)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: Generator = None) -> torch.Tensor:
-        """Reconstruct x through the mean latent, or a sampled one if sample_posterior (as diffusers)."""
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
+                generator: Generator = None) -> DecoderOutput | tuple[torch.Tensor]:
+        """Reconstruct x through the mean latent, or a sampled one if sample_posterior (diffusers' order of
+        arguments)."""
+        posterior = self.encode(x).latent_dist
+        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode(), return_dict)

@@ -4,7 +4,7 @@ The loop is the one of the course's Unit 1-2 notebooks, written out so every ste
 
     x_T ~ N(0, I)
     for t in scheduler.timesteps:
-        eps = unet(scale_model_input(x_t), t, class_labels)     # predict the noise
+        eps = unet(scale_model_input(x_t), t, class_labels).sample   # predict the noise
         (guidance: x_t <- x_t - grad loss(x_0(x_t, eps)))        # optional, see guidance.py
         x_{t-1} = scheduler.step(eps, t, x_t).prev_sample       # the sampler's update (DDPM, DDIM, ...)
 
@@ -114,11 +114,11 @@ class PixelPipeline:
                     x = x.detach().requires_grad_()
                 model_input = scheduler.scale_model_input(x, t)
                 if class_labels is None:
-                    model_output = self.unet(model_input, t)
+                    model_output = self.unet(model_input, t).sample
                 elif cfg_scale == 1.0:
-                    model_output = self.unet(model_input, t, class_labels)
+                    model_output = self.unet(model_input, t, class_labels).sample
                 else:
-                    eps = self.unet(torch.cat([model_input, model_input]), t, guided_labels)
+                    eps = self.unet(torch.cat([model_input, model_input]), t, guided_labels).sample
                     model_output, _ = classifier_free_guidance(eps, cfg_scale)
             if guide:  # move x_t down the loss gradient, then take the ordinary step from there
                 x = guidance.nudge(x, model_output, t, scheduler)

@@ -138,14 +138,15 @@ class StableDiffusion:
         """(B, 3, H, W) in [-1, 1] -> latents sampled from the VAE posterior, times scaling_factor.
         With a list of generators each image uses its own (diffusers' order)."""
         if isinstance(generator, list):
-            latents = torch.cat([self.vae.encode(images[i : i + 1]).sample(generator[i]) for i in range(len(images))])
+            posteriors = [self.vae.encode(images[i : i + 1]).latent_dist for i in range(len(images))]
+            latents = torch.cat([q.sample(g) for q, g in zip(posteriors, generator, strict=True)])
         else:
-            latents = self.vae.encode(images).sample(generator)
+            latents = self.vae.encode(images).latent_dist.sample(generator)
         return self.vae.config.scaling_factor * latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B, 3, H, W) images in [-1, 1] (unclamped)."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor)
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
     # 3. The denoising loop ----------------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class StableDiffusion:
             model_input = scheduler.scale_model_input(model_input, t)
             if run.extra_channels is not None:  # inpainting UNet: 4 + 1 + 4 input channels
                 model_input = torch.cat([model_input, run.extra_channels], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings).sample
             if run.do_cfg:  # classifier-free guidance
                 noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
                 if guidance_rescale > 0:

@@ -73,8 +73,8 @@ class VAELoss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         x = batch["images"]  # (B, 3, H, W) in [-1, 1]
-        posterior = self.vae.encode(x)
-        reconstruction = self.vae.decode(posterior.sample(generators))  # z ~ q(z|x): the reparameterisation
+        posterior = self.vae.encode(x).latent_dist
+        reconstruction = self.vae.decode(posterior.sample(generators)).sample  # z ~ q(z|x): the reparameterisation
         kl = posterior.kl().mean() / x[0].numel()  # (B,) sums -> per image pixel, like the reconstruction term
         return F.mse_loss(reconstruction.float(), x.float()) + self.kl_weight * kl
 
@@ -98,7 +98,7 @@ def latent_scaling_factor(vae: AutoencoderKL, dataset: CaptionedShapes, seed: in
     latents of unit variance, as its noise schedule assumes."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.stack([dataset.example(i % len(dataset), generator)["images"] for i in range(SCALE_IMAGES)])
-    latents = torch.cat([vae.encode(chunk).sample(generator) for chunk in images.split(64)])
+    latents = torch.cat([vae.encode(chunk).latent_dist.sample(generator) for chunk in images.split(64)])
     return 1.0 / latents.float().std().item()
 
 

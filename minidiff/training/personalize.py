@@ -165,9 +165,9 @@ class LatentDenoisingLoss(nn.Module):
             input_ids = torch.cat([input_ids, batch["class_input_ids"]])
             generators = generators + generators  # an example's generator draws for both of its images
         with torch.no_grad():  # the VAE is frozen: z_0 ~ q(z | x), from each example's generator
-            latents = self.vae.encode(images).sample(generators).float() * self.vae.config.scaling_factor
+            latents = self.vae.encode(images).latent_dist.sample(generators).float() * self.vae.config.scaling_factor
         context = self.encode_text(input_ids)
-        losses = denoising_loss(lambda z_t, t: self.unet(z_t, t, encoder_hidden_states=context), self.scheduler,
+        losses = denoising_loss(lambda z_t, t: self.unet(z_t, t, encoder_hidden_states=context).sample, self.scheduler,
                                 latents, generators)  # (B,) or (2B,)
         if not prior:
             return losses.mean()

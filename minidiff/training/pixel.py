@@ -46,7 +46,7 @@ class PixelDenoisingLoss(nn.Module):
             labels = torch.where(dropped, self.unet.config.num_classes, labels)  # (B,): the last row is "no class"
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x_t, t) if labels is None else self.unet(x_t, t, labels)
+            return (self.unet(x_t, t) if labels is None else self.unet(x_t, t, labels)).sample
 
         return denoising_loss(denoise, self.scheduler, batch["images"], generators).mean()
 
