@@ -126,7 +126,8 @@ def test_crop_rotate_and_blur_geometry():
 def test_clip_guidance_loss_and_its_options(models):
     clip_model, tokenizer, _, _ = models
     loss = CLIPGuidanceLoss(clip_model, tokenizer, PROMPT, n_cuts=2, generator=seeded(0))
-    ids = tokenizer(PROMPT, max_length=16)["input_ids"]  # the tiny model's 16 positions
+    ids = tokenizer(PROMPT, padding="max_length", max_length=16, truncation=True,  # the tiny model's 16 positions
+                    return_tensors="pt")["input_ids"]
     assert torch.equal(loss.text_features, clip_model.get_text_features(ids))  # computed once, in __init__
     x0 = (torch.rand(2, 3, 16, 16, generator=seeded(1)) * 2 - 1).requires_grad_()
     value = loss(x0)
@@ -169,7 +170,8 @@ def course_loop(clip_model, tokenizer, unet, tfms, n_cuts, guidance_scale, index
 
     scheduler = DiffusersDDIMScheduler()
     scheduler.set_timesteps(10)
-    text_features = clip_model.get_text_features(tokenizer([PROMPT], max_length=16)["input_ids"])
+    ids = tokenizer([PROMPT], padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
+    text_features = clip_model.get_text_features(ids)
     x = torch.randn(2, 3, 16, 16, generator=seeded(0))
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)

@@ -54,7 +54,7 @@ def test_transformers_folder_converts_and_matches(tmp_path, class_name):
         if class_name == "CLIPVisionModel":
             assert max_diff(ours(pixels()).pooler_output, ref(pixel_values=pixels()).pooler_output) <= ATOL
             return
-        ids = tokenizer(PROMPTS).input_ids
+        ids = tokenizer(PROMPTS, padding="max_length", truncation=True, return_tensors="pt").input_ids
         assert tokenizer.model_max_length == 16 and torch.equal(ids, theirs(
             PROMPTS, padding="max_length", max_length=16, return_tensors="pt").input_ids)  # fmt: skip
         if class_name == "CLIPModel":
@@ -76,7 +76,7 @@ def test_open_clip_state_dict_with_clip_config(tmp_path, monkeypatch, capsys, su
     monkeypatch.setitem(CLIP_CONFIGS, "tiny", TINY_CLIP)
     assert convert_main([str(path), str(tmp_path / "md"), "--clip-config", "tiny"]) == 0
     ours, tokenizer = load_clip(tmp_path / "md")
-    ids = tokenizer(PROMPTS).input_ids
+    ids = tokenizer(PROMPTS, padding="max_length", truncation=True, return_tensors="pt").input_ids
     assert tokenizer.pad_token_id == 0 and (ids[1, 4:] == 0).all()  # open_clip's tokenize pads with zeros
     with torch.no_grad():
         expected = ref(input_ids=ids, pixel_values=pixels()).logits_per_image

@@ -133,7 +133,8 @@ def test_class_images_are_generated_deterministically(root, tmp_path):
 
 def test_prior_loss_is_instance_plus_weighted_class_loss(root):
     model = load_sd_model(root / "sd")
-    ids = model.sd.tokenizer(["a photo of sks dog", "a photo of a dog"])["input_ids"]
+    ids = model.sd.tokenizer(["a photo of sks dog", "a photo of a dog"], padding="max_length", truncation=True,
+                             return_tensors="pt")["input_ids"]
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def loss(weight: float, class_images: torch.Tensor = images[2:]) -> float:

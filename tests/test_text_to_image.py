@@ -76,7 +76,7 @@ def test_scaling_factor_is_one_over_latent_std():
 
 def test_caption_dropout():
     tokenizer = CLIPTokenizer()
-    empty = tokenizer([""], padding="max_length")["input_ids"][0]
+    empty = tokenizer([""], padding="max_length", return_tensors="pt")["input_ids"][0]
     generator = torch.Generator().manual_seed(0)
     for p, low, high in ((0.0, 0, 0), (0.5, 150, 250)):
         examples = CaptionedExamples(CaptionedShapes(resolution=RES), tokenizer, p)

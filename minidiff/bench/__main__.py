@@ -65,7 +65,8 @@ def bench_tokenizer(impl: str) -> dict:
         from minidiff.models.tokenizer import CLIPTokenizer
 
         tokenizer = CLIPTokenizer()
-        encode = lambda batch: tokenizer(batch)["input_ids"]  # noqa: E731
+        encode = lambda batch: tokenizer(batch, padding="max_length", truncation=True,  # noqa: E731
+                                          return_tensors="pt")["input_ids"]
     elif impl == "open_clip":
         import importlib.util
 

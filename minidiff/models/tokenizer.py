@@ -9,7 +9,11 @@ Natural Language Supervision", openai/CLIP `clip/simple_tokenizer.py`), step for
    "Language Models are Unsupervised Multitask Learners"), so no text is ever out of vocabulary;
 4. apply the BPE merges; the last symbol of each piece carries "</w>" (CLIP's addition), so "cat" at the end
    of a word and "cat" inside "cats" are different tokens;
-5. wrap in <|startoftext|> (49406) ... <|endoftext|> (49407), truncate and pad to 77 positions.
+5. wrap in <|startoftext|> (49406) ... <|endoftext|> (49407); on request truncate and pad to 77 positions.
+
+The call, decode and the vocabulary methods take transformers' CLIPTokenizer arguments with its defaults (no
+padding, no truncation, python lists), so course code runs unchanged; SD's pipelines ask for padding="max_length",
+truncation=True, return_tensors="pt".
 
 transformers 5's CLIPTokenizer runs no ftfy and no html.unescape (it applies NFC instead), so curly quotes,
 ligatures, fullwidth letters, "&amp;" and mojibake get other ids there than here; on other text the ids are
@@ -80,16 +84,20 @@ def load_clip_bpe(path: str | Path = CLIP_VOCAB_GZ) -> tuple[dict[str, int], lis
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-@dataclass
-class TokenizerOutput:
-    """What CLIPTokenizer returns. Both `out["input_ids"]` and `out.input_ids` work, as with transformers'
-    BatchEncoding, so diffusers-style calls run unchanged."""
+# transformers' padding and truncation strategies, as they act on one sequence per row
+PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
+TRUNCATION = {False: False, "do_not_truncate": False, True: True, "longest_first": True, "only_first": True}
 
-    input_ids: torch.Tensor | list[list[int]]  # (B, max_length) int64; without padding one list per text
-    attention_mask: torch.Tensor | list[list[int]] | None = None  # same shape: 1 for BOS..EOS, 0 for pads
 
-    def __getitem__(self, key: str) -> torch.Tensor | list[list[int]] | None:
-        return getattr(self, key)
+class TokenizerOutput(dict):
+    """What CLIPTokenizer returns: {"input_ids": ..., "attention_mask": ...}, whose keys also read as attributes
+    (`out.input_ids`), like transformers' BatchEncoding, so diffusers-style code runs unchanged."""
+
+    def __getattr__(self, key: str) -> torch.Tensor | list:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
 
 class CLIPTokenizer:
@@ -144,15 +152,20 @@ class CLIPTokenizer:
     def pad_token_id(self) -> int:
         return self.convert_tokens_to_ids(self.pad_token)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token -> id for the vocabulary and the added tokens, as in transformers."""
+        return self.encoder | self.added_tokens
+
     def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
         """Vocabulary lookup of token strings ("!" -> 0, "cat</w>" -> 2368, an added "<cat-toy>" -> 49408).
-        Raises KeyError for a string that is not a token."""
+        Raises KeyError for a string that is not a token (transformers returns the unknown id, 49407, instead)."""
         if isinstance(tokens, list):
             return [self.convert_tokens_to_ids(token) for token in tokens]
         return self.encoder[tokens] if tokens in self.encoder else self.added_tokens[clean(tokens)]
 
-    def add_tokens(self, tokens: list[str]) -> int:
-        """Add whole-word tokens, e.g. textual-inversion placeholders ["<cat-toy>"], with new ids 49408, 49409, ...
+    def add_tokens(self, new_tokens: str | list[str]) -> int:
+        """Add whole-word tokens, e.g. a textual-inversion placeholder "<cat-toy>" (one string or a list), with new
+        ids 49408, 49409, ...
 
         They are matched in the cleaned text before the pre-split and BPE, so never broken up; since the text
         is lower-cased first, case does not matter ("<Cat-Toy>" == "<CAT-TOY>"), and like transformers' added
@@ -160,15 +173,15 @@ class CLIPTokenizer:
         around them are ignored, as everywhere in CLIP. A token whose cleaned form is already in the vocabulary
         or already added is skipped. Returns the number of new ids."""
         added = 0
-        for token in tokens:
+        for token in [new_tokens] if isinstance(new_tokens, str) else new_tokens:
             key = clean(token)
             if not key:
                 raise ValueError(f"cannot add {token!r}: it is empty after cleaning")
             if key in self.encoder or key in self.added_tokens:
                 continue
             new_id = self.added_tokens[key] = len(self)
-            # decode spells an added token like a whole word, so it gets a space after it as words do
-            self.decoder[new_id] = "".join(self.byte_encoder[b] for b in key.encode("utf-8")) + "</w>"
+            # spelled in byte characters without "</w>": as in transformers, no space follows it in decode
+            self.decoder[new_id] = "".join(self.byte_encoder[b] for b in key.encode("utf-8"))
             added += 1
         # one alternation, longest first, so "<cat-toy>-2" wins over "<cat-toy>"; the group keeps the matches
         keys = sorted(self.added_tokens, key=len, reverse=True)
@@ -214,49 +227,72 @@ class CLIPTokenizer:
                 ids.extend(self.encoder[token] for token in self.bpe(word))
         return ids
 
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """Token ids -> text, as CLIP decodes: every word-final "</w>" becomes a space, so [320, 1125, 269]
-        -> "a photo . ". BOS, EOS and pads come out as their token text; drop them first if unwanted."""
-        text = "".join(self.decoder[int(i)] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+    def tokenize(self, text: str) -> list[str]:
+        """Text -> token strings: "a cats" -> ["a</w>", "cats</w>"], an added token as itself; no BOS/EOS."""
+        return [self.decoder[i] for i in self.encode(text)]
 
-    def __call__(self, texts: str | list[str], padding: str | bool | None = "max_length", max_length: int | None = None,
-                 truncation: bool = True, return_attention_mask: bool = False,
-                 return_tensors: str | None = "pt") -> TokenizerOutput:
-        """Prompts -> BOS + ids + EOS per prompt, batched.
+    def decode(self, token_ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str | list[str]:
+        """Token ids -> text, as transformers decodes CLIP's: every word-final "</w>" becomes a space and the ends
+        are stripped, so [320, 1125, 269] -> "a photo ." and 320 -> "a". BOS, EOS and pads come out as their text
+        ("<|startoftext|>a cat <|endoftext|>") unless skip_special_tokens. A batch (list of lists or a 2-D tensor)
+        gives one string per row."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        if token_ids and isinstance(token_ids[0], list):
+            return [self.decode(ids, skip_special_tokens) for ids in token_ids]
+        skip = {self.bos_token_id, self.eos_token_id, self.pad_token_id} if skip_special_tokens else set()
+        text = "".join(self.decoder[int(i)] for i in token_ids if int(i) not in skip)
+        text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
 
-        texts: one prompt or a list (a single prompt still gives a batch of one).
-        padding: "max_length" pads every row to max_length with pad_token_id and returns int64 tensors
-            (B, max_length); None (or False) returns lists of varying length.
-        max_length: defaults to model_max_length (77).
-        truncation: cut rows longer than max_length to BOS + (max_length - 2) tokens + EOS, so EOS, whose
-            hidden state is CLIP's pooled output, is always present; without it a long prompt with padding raises.
-        return_attention_mask: also return 1 for BOS..EOS, 0 for pads (SD's pipelines pass none to CLIP).
-        return_tensors: accepted for portability with transformers: "pt" (or None) only.
+    def __call__(self, text: str | list[str], *, padding: bool | str = False, truncation: bool | str | None = None,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool | None = None) -> TokenizerOutput:
+        """Prompts -> BOS + ids + EOS per prompt, with transformers' arguments and defaults.
+
+        text: one prompt (flat lists; a batch of one with "pt") or a list of prompts (one row each).
+        padding: False or "do_not_pad" (the default) leaves every row as long as its prompt; True or "longest"
+            pads to the longest row; "max_length" to max_length. Pads are pad_token_id.
+        truncation: True, "longest_first" or "only_first" cuts rows to BOS + (max_length - 2) tokens + EOS, so
+            EOS, whose hidden state is CLIP's pooled output, stays. None (the default) truncates only when
+            max_length is given and padding is False, as transformers does; False or "do_not_truncate" never.
+        max_length: defaults to model_max_length (77) where truncation or padding="max_length" needs one.
+        return_tensors: None (the default) gives python lists; "pt" int64 tensors (B, L), so rows of one length.
+        return_attention_mask: None or True adds attention_mask, 1 for BOS..EOS, 0 for pads; False leaves it out.
         """
-        if padding not in ("max_length", None, False):
-            raise ValueError(f"padding must be 'max_length' or None, not {padding!r}")
+        if padding not in PADDING:
+            raise ValueError(f"padding must be one of {list(PADDING)}, not {padding!r}")
+        if truncation is None:
+            truncation = max_length is not None and padding is False
+        elif truncation in TRUNCATION:
+            truncation = TRUNCATION[truncation]
+        else:
+            raise ValueError(f"truncation must be None or one of {list(TRUNCATION)}, not {truncation!r}")
         if return_tensors not in ("pt", None):
             raise ValueError(f"only PyTorch tensors are returned, not {return_tensors!r}")
-        texts = [texts] if isinstance(texts, str) else texts
-        max_length = max_length or self.model_max_length
-        rows = []
-        for text in texts:
-            ids = [self.bos_token_id, *self.encode(text), self.eos_token_id]
-            if len(ids) > max_length and truncation:
-                ids = ids[: max_length - 1] + [self.eos_token_id]
-            elif len(ids) > max_length and padding:
-                raise ValueError(f"{len(ids)} tokens do not fit in {max_length}; pass truncation=True")
-            rows.append(ids)
+        max_length = self.model_max_length if max_length is None else max_length
+        if truncation and max_length < 2:
+            raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS")
 
-        if not padding:
-            return TokenizerOutput(rows, [[1] * len(ids) for ids in rows] if return_attention_mask else None)
-        input_ids = torch.full((len(rows), max_length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), max_length), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-        return TokenizerOutput(input_ids, attention_mask if return_attention_mask else None)
+        rows = []
+        for prompt in [text] if isinstance(text, str) else text:
+            ids = self.encode(prompt)
+            rows.append([self.bos_token_id, *(ids[: max_length - 2] if truncation else ids), self.eos_token_id])
+        # rows already longer than `length` stay as they are, so length 0 pads nothing
+        length = {"longest": max(map(len, rows), default=0), "max_length": max_length, None: 0}[PADDING[padding]]
+        out = TokenizerOutput(input_ids=[ids + [self.pad_token_id] * (length - len(ids)) for ids in rows])
+        if return_attention_mask is not False:
+            out["attention_mask"] = [[1] * len(ids) + [0] * (length - len(ids)) for ids in rows]
+        if return_tensors == "pt":
+            if len(lengths := sorted({len(ids) for ids in out["input_ids"]})) > 1:
+                raise ValueError(f"rows of {lengths} tokens make no tensor: pass padding=True or "
+                                 "padding='max_length' (with truncation=True)")
+            return TokenizerOutput({key: torch.tensor(value, dtype=torch.long) for key, value in out.items()})
+        if isinstance(text, str):
+            return TokenizerOutput({key: value[0] for key, value in out.items()})
+        return out
 
 
 @dataclass

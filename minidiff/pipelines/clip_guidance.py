@@ -117,7 +117,8 @@ class CLIPGuidanceLoss:
         self.clip_model, self.n_cuts, self.generator, self.augment = clip_model, n_cuts, generator, augment
         self.size = clip_model.config.vision_config.image_size
         max_length = clip_model.config.text_config.max_position_embeddings
-        ids = tokenizer(prompt, max_length=max_length)["input_ids"]
+        ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt")["input_ids"]
         with torch.no_grad():  # the target: computed once
             self.text_features = clip_model.get_text_features(ids.to(clip_model.text_projection.weight.device))
 

@@ -109,7 +109,8 @@ class StableDiffusion:
         for text in texts:
             if len(self.tokenizer.encode(text)) + 2 > max_length:
                 warnings.warn(f"prompt truncated to CLIP's {max_length} tokens: {text[:60]!r}...", stacklevel=3)
-        ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+        ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="pt")["input_ids"]
         device = next(self.text_encoder.parameters()).device
         if clip_skip is None:
             return self.text_encoder(ids.to(device)).last_hidden_state

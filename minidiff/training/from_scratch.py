@@ -145,7 +145,7 @@ class CaptionedExamples:
         example = self.dataset.example(index, generator)
         dropped = torch.rand(1, generator=generator).item() < self.caption_dropout
         caption = "" if dropped else example["caption"]
-        input_ids = self.tokenizer([caption], padding="max_length", truncation=True)["input_ids"][0]
+        input_ids = self.tokenizer(caption, padding="max_length", truncation=True, return_tensors="pt")["input_ids"][0]
         return {"images": example["images"], "input_ids": input_ids}
 
 

@@ -88,7 +88,7 @@ def load_rgb_images(folder: str | Path, resolution: int, random_flip: bool, limi
 
 def tokenize(sd: StableDiffusion, prompts: list[str]) -> torch.Tensor:
     """Prompts -> (P, 77) token ids, padded as the pipeline pads them."""
-    return sd.tokenizer(prompts, padding="max_length", truncation=True)["input_ids"]
+    return sd.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
 
 
 def sampler(model: SDModel) -> StableDiffusion:
