@@ -210,7 +210,7 @@ def sample_text(args: argparse.Namespace, dtype: torch.dtype):
         for step_latents in tqdm(sd.denoise(run, eta=args.eta, generator=generator), total=len(run.timesteps),
                                  unit="step"):
             latents = step_latents
-        x = sd.decode_latents(latents)
+        x = sd.decode(latents)
     prompt = args.prompt[0] if len(args.prompt) == 1 else json.dumps(args.prompt)
     settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "guidance_scale": guidance_scale,
                 "init_image": args.init_image, "strength": args.strength, "mask": args.mask,

@@ -113,7 +113,7 @@ def generated_digit_accuracy(model_dir: str | os.PathLike, classifier: nn.Module
     labels = torch.arange(10).repeat_interleave(per_class)
     images = pipeline(batch_size=len(labels), generator=torch.Generator().manual_seed(seed),
                       num_inference_steps=steps, class_labels=labels, output_type="pt",
-                      cfg_scale=cfg_scale)  # (B, 1, 28, 28) in [0, 1]
+                      cfg_scale=cfg_scale).images  # (B, 1, 28, 28) in [0, 1]
     pixels = (images * 255).round().to(torch.uint8)  # as to_pil rounds: the digits sample.py would save
     right = accuracy(classifier, pixels, labels).float()
     return right.mean().item(), right.reshape(10, per_class).mean(dim=1).tolist()

@@ -40,7 +40,8 @@ def test_guided_loop_matches_the_formula(cfg_scale):
     model = tiny_model()
     pipe = PixelPipeline(model, DDIMScheduler.from_config(SCHEDULE))
     labels = torch.tensor([0, 2])
-    got = pipe(2, torch.Generator().manual_seed(0), 5, class_labels=labels, output_type="pt", cfg_scale=cfg_scale)
+    got = pipe(2, torch.Generator().manual_seed(0), 5, class_labels=labels,
+               output_type="pt", cfg_scale=cfg_scale).images
 
     scheduler = DDIMScheduler.from_config(SCHEDULE)
     scheduler.set_timesteps(5)
@@ -54,7 +55,7 @@ def test_guided_loop_matches_the_formula(cfg_scale):
     # the pipeline runs both labels in one batch of 2B, the hand loop in two: other kernels, ~5e-6 apart at scale 3
     torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1), atol=2e-5, rtol=0)
     if cfg_scale != 1.0:  # and guidance changes the picture
-        plain = pipe(2, torch.Generator().manual_seed(0), 5, class_labels=labels, output_type="pt")
+        plain = pipe(2, torch.Generator().manual_seed(0), 5, class_labels=labels, output_type="pt").images
         assert (got - plain).abs().max() > 1e-3
 
 

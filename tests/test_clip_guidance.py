@@ -209,9 +209,9 @@ def test_guided_loop_matches_the_course_notebook(models, augment, index):
     schedule = course_sqrt_alpha_bar if index == "i" else sqrt_alpha_bar
     guidance = clip_guidance(clip_model, tokenizer, PROMPT, scale, 1, generator=seeded(3), augment=augment,
                              grad_scale=schedule)
-    got = pipe(2, seeded(0), 10, guidance=guidance, output_type="pt")
+    got = pipe(2, seeded(0), 10, guidance=guidance, output_type="pt").images
     assert (got - expected).abs().max().item() <= ATOL  # measured 0.0
-    unguided = pipe(2, seeded(0), 10, output_type="pt")
+    unguided = pipe(2, seeded(0), 10, output_type="pt").images
     assert (got - unguided).abs().max() > 1e-2  # the guidance did something
 
 
@@ -235,7 +235,7 @@ def test_clip_guidance_lowers_the_clip_loss_of_samples(models):
     score = CLIPGuidanceLoss(clip_model, tokenizer, PROMPT, augment=False)
 
     def final_losses(guidance):
-        images = pipe(4, seeded(0), 20, guidance=guidance, output_type="pt")
+        images = pipe(4, seeded(0), 20, guidance=guidance, output_type="pt").images
         return torch.stack([score(image[None] * 2 - 1) for image in images])
 
     plain = final_losses(None)

@@ -84,7 +84,7 @@ def test_eta_reaches_ddim_only_when_set():
                                                    up_block_types=("UpBlock2D",) * 2)))
     for name in ("ddpm", "pndm"):
         pipe = PixelPipeline(unet, SCHEDULERS[name]())
-        assert pipe(num_inference_steps=4, output_type="pt").shape == (1, 3, 8, 8)
+        assert pipe(num_inference_steps=4, output_type="pt").images.shape == (1, 3, 8, 8)
         with pytest.raises(TypeError, match="eta"):
             pipe(num_inference_steps=4, eta=0.5)
     ddim = PixelPipeline(unet, SCHEDULERS["ddim"]())
@@ -131,7 +131,7 @@ def test_call_runs_the_mode_its_arguments_name(sd, monkeypatch, mode, images):
         monkeypatch.setattr(sd, name, recorded(name, getattr(sd, name)))
     args = dict(negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0)
     got = sd("a red circle", **args, **images, eta=0.5, generator=torch.Generator().manual_seed(0),
-             output_type="latent")
+             output_type="latent").images
     assert called == [mode]
     generator = torch.Generator().manual_seed(0)
     run = getattr(sd, mode)("a red circle", *images.values(), **args, generator=generator)

@@ -96,9 +96,9 @@ def tiny(tmp_path_factory):
 def test_ddpm_pipeline_same_seed_same_image(tiny):
     ours = load_pixel_pipeline(tiny.converted)
     expected = tiny.pipe(batch_size=2, generator=seeded(3), num_inference_steps=20, output_type="pt").images
-    assert_close(expected, ours(batch_size=2, generator=seeded(3), num_inference_steps=20, output_type="pt"))
+    assert_close(expected, ours(batch_size=2, generator=seeded(3), num_inference_steps=20, output_type="pt").images)
     expected_pil = tiny.pipe(batch_size=2, generator=seeded(3), num_inference_steps=20).images
-    got_pil = ours(batch_size=2, generator=seeded(3), num_inference_steps=20)
+    got_pil = ours(batch_size=2, generator=seeded(3), num_inference_steps=20).images
     assert_same_pil(expected_pil, got_pil, expected.permute(0, 2, 3, 1).numpy())
 
 
@@ -108,7 +108,7 @@ def test_ddim_pipeline_same_seed_same_image_with_a_generator_per_image(tiny, eta
     ours = load_pixel_pipeline(tiny.converted, scheduler="ddim")
 
     def run(pipe, **kwargs):
-        return pipe(batch_size=2, generator=[seeded(5), seeded(6)], eta=eta, num_inference_steps=20, **kwargs)
+        return pipe(batch_size=2, generator=[seeded(5), seeded(6)], eta=eta, num_inference_steps=20, **kwargs).images
 
     expected = run(reference, output_type="np").images  # (B, H, W, C)
     assert_close(torch.from_numpy(expected), run(ours, output_type="pt").permute(0, 2, 3, 1))
@@ -130,9 +130,11 @@ def test_class_conditional_unet_matches_a_diffusers_loop(tmp_path):
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
     expected = (x / 2 + 0.5).clamp(0, 1)
 
-    got = ours(batch_size=3, generator=seeded(7), num_inference_steps=10, class_labels=[2, 0, 3], output_type="pt")
+    got = ours(batch_size=3, generator=seeded(7), num_inference_steps=10, class_labels=[2, 0, 3],
+               output_type="pt").images
     assert_close(expected, got)
-    other = ours(batch_size=3, generator=seeded(7), num_inference_steps=10, class_labels=[1, 1, 1], output_type="pt")
+    other = ours(batch_size=3, generator=seeded(7), num_inference_steps=10, class_labels=[1, 1, 1],
+                 output_type="pt").images
     assert (other - got).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # the label changes every image
     with pytest.raises(ValueError, match="class-conditioned"):
         ours(batch_size=1, num_inference_steps=2)
@@ -188,7 +190,7 @@ def test_model_folder_without_scheduler_gets_ddpm_defaults(tiny, tmp_path, capsy
     assert type(ours.scheduler).__name__ == "DDPMScheduler"
     assert ours.scheduler.settings == type(ours.scheduler)().settings
     expected = tiny.pipe(batch_size=1, generator=seeded(2), num_inference_steps=3, output_type="pt").images
-    assert_close(expected, ours(generator=seeded(2), num_inference_steps=3, output_type="pt"))
+    assert_close(expected, ours(generator=seeded(2), num_inference_steps=3, output_type="pt").images)
 
 
 def to_legacy_names(state_dict: dict) -> dict:
@@ -228,7 +230,7 @@ def test_flat_legacy_celebahq_256_converts_and_samples(tmp_path):
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(reference(x, t).sample, t, x, generator=generator).prev_sample
-    got = ours(generator=seeded(0), num_inference_steps=2, height=32, width=32, output_type="pt")
+    got = ours(generator=seeded(0), num_inference_steps=2, height=32, width=32, output_type="pt").images
     assert_close((x / 2 + 0.5).clamp(0, 1), got)
 
     # The issue's end-to-end check, at full size: DDIM, 20 steps, seed 0, 256 px, against diffusers' DDIMPipeline.
@@ -335,7 +337,7 @@ def test_colour_guidance_moves_the_mean_colour_toward_the_target(tiny):
     ours = load_pixel_pipeline(tiny.converted, scheduler="ddim")
 
     def mean_colour_distance(guidance):
-        images = ours(2, seeded(0), 10, guidance=guidance, output_type="pt")
+        images = ours(2, seeded(0), 10, guidance=guidance, output_type="pt").images
         return (images.mean(dim=(0, 2, 3)) - torch.tensor(TARGET)).abs().sum().item()
 
     plain = mean_colour_distance(None)
@@ -367,7 +369,7 @@ def test_guidance_through_unet_runs_and_differs(tiny):
 
     def run(through_unet):
         guidance = LossGuidance(lambda x0: color_loss(x0, TARGET), 40, through_unet=through_unet)
-        return ours(2, seeded(0), 10, guidance=guidance, output_type="pt")
+        return ours(2, seeded(0), 10, guidance=guidance, output_type="pt").images
 
     through_x0, through_unet = run(False), run(True)
     assert torch.isfinite(through_unet).all()
@@ -406,4 +408,4 @@ def test_guided_loop_matches_the_course_notebook(tiny, through_unet):
 
     ours = load_pixel_pipeline(tiny.converted, scheduler="ddim")
     guidance = LossGuidance(color_loss, scale, through_unet=through_unet)
-    assert_close(expected, ours(2, seeded(0), 10, guidance=guidance, output_type="pt"))
+    assert_close(expected, ours(2, seeded(0), 10, guidance=guidance, output_type="pt").images)

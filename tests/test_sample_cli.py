@@ -69,7 +69,7 @@ def test_grid_png_with_settings_matches_the_library(models, tmp_path):
     assert {k: image.text[k] for k in ("scheduler", "steps", "seed", "num_images", "size", "dtype")} == {
         "scheduler": "DDIMScheduler", "steps": "3", "seed": "7", "num_images": "4", "size": "16x16", "dtype": "fp32",
     }  # fmt: skip
-    expected = load_pixel_pipeline(models["unconditional"], "ddim")(4, torch.Generator().manual_seed(7), 3)
+    expected = load_pixel_pipeline(models["unconditional"], "ddim")(4, torch.Generator().manual_seed(7), 3).images
     grid = pixels(out)
     for i, tile in enumerate(expected):  # row by row
         row, column = divmod(i, 2)
@@ -152,7 +152,7 @@ def test_course_class_conditioned_unet(models, tmp_path):
         assert run(model, tmp_path / f"{label}.png", "--steps", "3", "--num-images", "2", "--class-label", label) == 0
     image = Image.open(tmp_path / "7.png")
     assert (image.mode, image.size, image.text["class_label"]) == ("L", (56, 28), "7")  # 2 grey 28x28 digits
-    expected = load_pixel_pipeline(model)(2, torch.Generator().manual_seed(0), 3, class_labels=[7, 7])
+    expected = load_pixel_pipeline(model)(2, torch.Generator().manual_seed(0), 3, class_labels=[7, 7]).images
     assert np.array_equal(pixels(tmp_path / "7.png"), np.concatenate([np.asarray(e) for e in expected], axis=1))
     assert not np.array_equal(pixels(tmp_path / "7.png"), pixels(tmp_path / "1.png"))
 
@@ -162,7 +162,7 @@ def test_several_class_labels_make_one_row_each(models, tmp_path):
     assert run(model, out, "--steps", "3", "--num-images", "2", "--class-label", "7", "1") == 0
     image = Image.open(out)
     assert (image.size, image.text["class_label"]) == ((56, 56), "7 1")  # 2 columns, a row per label
-    expected = load_pixel_pipeline(model)(4, torch.Generator().manual_seed(0), 3, class_labels=[7, 7, 1, 1])
+    expected = load_pixel_pipeline(model)(4, torch.Generator().manual_seed(0), 3, class_labels=[7, 7, 1, 1]).images
     rows = [np.concatenate([np.asarray(e) for e in expected[i : i + 2]], axis=1) for i in (0, 2)]
     assert np.array_equal(pixels(out), np.concatenate(rows, axis=0))
 
@@ -200,7 +200,7 @@ def tiny_stable_diffusion(in_channels: int = 4):
                                         num_attention_heads=4))
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusion(unet, vae, text, CLIPTokenizer(), scheduler)
+    return StableDiffusion(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer(), unet=unet, scheduler=scheduler)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_txt2img_grid_matches_the_library(text_models, tmp_path):
         "prompt": "a red <cat-toy>", "negative_prompt": "blurry", "guidance_scale": "7.5", "steps": "3"}  # fmt: skip
     sd = load_stable_diffusion(text_models.folder / "sd")
     expected = sd("a red <cat-toy>", "blurry", 16, 24, 3, num_images_per_prompt=2,
-                  generator=torch.Generator().manual_seed(5))
+                  generator=torch.Generator().manual_seed(5)).images
     assert np.array_equal(pixels(out)[:, :24], np.asarray(expected[0]))
     assert np.array_equal(pixels(out)[:, 24:], np.asarray(expected[1]))
 
@@ -268,7 +268,7 @@ def test_several_prompts_make_one_row_each(text_models, tmp_path):
     image = Image.open(out)
     assert image.size == (32, 32) and json.loads(image.text["prompt"]) == prompts
     sd = load_stable_diffusion(text_models.folder / "sd")
-    expected = sd(prompts, None, 16, 16, 2, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+    expected = sd(prompts, None, 16, 16, 2, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0)).images
     rows = [np.concatenate([np.asarray(e) for e in expected[i : i + 2]], axis=1) for i in (0, 2)]
     assert np.array_equal(pixels(out), np.concatenate(rows, axis=0))
 

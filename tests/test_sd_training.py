@@ -183,7 +183,7 @@ def test_textual_inversion_learns_one_row_and_its_file_loads_back(root, tmp_path
     fresh, trained = load_stable_diffusion(start), load_stable_diffusion(model)
     assert load_textual_inversion_into(fresh, out / "learned_embeds.safetensors") == ["<cat-toy>"]
     with torch.no_grad():
-        assert torch.equal(fresh.encode_prompt([PROMPT], None, 1, True), trained.encode_prompt([PROMPT], None, 1, True))
+        assert torch.equal(fresh._encode_prompt(PROMPT, None, 1, True), trained._encode_prompt(PROMPT, None, 1, True))
     with pytest.raises(ValueError, match="already in the vocabulary"):
         load_textual_inversion_into(fresh, out / "learned_embeds.safetensors")
     sample_ok(model, tmp_path / "toy.png", PROMPT)

@@ -39,7 +39,7 @@ def draw(sd, guidance_scale: float):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         images = sd(prompts, num_inference_steps=STEPS, guidance_scale=guidance_scale, generator=generator,
-                    output_type="pt")  # (N, 3, H, W) in [0, 1]
+                    output_type="pt").images  # (N, 3, H, W) in [0, 1]
     pixels = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in to_pil(images * 2 - 1)]  # as PNGs
     return pixels, scenes
 

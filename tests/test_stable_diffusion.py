@@ -148,7 +148,7 @@ def generators(seed: int | list[int]) -> torch.Generator | list[torch.Generator]
 def both(reference, ours, seed: int | list[int] = 0, output_type: str = "pt", **kwargs):
     """Run both pipelines with the same arguments and fresh generators of the same seed(s)."""
     expected = reference(**kwargs, generator=generators(seed), output_type=output_type).images
-    got = ours(**kwargs, generator=generators(seed), output_type=output_type)
+    got = ours(**kwargs, generator=generators(seed), output_type=output_type).images
     return got, expected
 
 
@@ -240,9 +240,10 @@ def test_clip_skip(tiny, folder):
     expected = reference(prompt_embeds=prompt_embeds, negative_prompt=NEGATIVE, num_inference_steps=5,
                          generator=generators(0), output_type="pt").images
     got = ours(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, clip_skip=1, generator=generators(0),
-               output_type="pt")
+               output_type="pt").images
     assert (got - expected).abs().max().item() <= ATOL
-    no_skip = ours(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, generator=generators(0), output_type="pt")
+    no_skip = ours(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, generator=generators(0),
+                   output_type="pt").images
     assert (got - no_skip).abs().max().item() > 1e-3
 
 
@@ -256,7 +257,7 @@ def test_output_types(tiny, folder):
     got, expected = both(reference, ours, output_type="pil", **args)
     assert [image.size for image in got] == [(16, 16)] * 2
     assert all(np.array_equal(np.array(g), np.array(e)) for g, e in zip(got, expected, strict=True))
-    got = ours(**args, generator=generators(0), output_type="pt")
+    got = ours(**args, generator=generators(0), output_type="pt").images
     expected = reference(**args, generator=generators(0), output_type="np").images
     assert np.abs(got.permute(0, 2, 3, 1).numpy() - expected).max() <= ATOL
 
@@ -359,11 +360,11 @@ def test_changes_are_visible(tiny, folder):
     clamped flat, and the prompt, the negative prompt, the seed and the step count each move them by > 1e-2."""
     _, ours = pipelines(tiny, folder)
     args = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, output_type="pt")
-    base = ours(**args, generator=generators(0))
+    base = ours(**args, generator=generators(0)).images
     assert ((base > 0) & (base < 1)).float().mean() > 0.9
     changes = [dict(prompt=NEGATIVE, negative_prompt=PROMPT), dict(negative_prompt=None), dict(num_inference_steps=6)]
-    others = [ours(**{**args, **change}, generator=generators(0)) for change in changes]
-    others.append(ours(**args, generator=generators(1)))
+    others = [ours(**{**args, **change}, generator=generators(0)).images for change in changes]
+    others.append(ours(**args, generator=generators(1)).images)
     for other in others:
         assert (base - other).abs().max().item() > 1e-2
 

@@ -92,17 +92,17 @@ def test_text_to_image_folder_runs_every_sd_workflow(sd_dir):
     sd = load_stable_diffusion(sd_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
     prompt = "a big red circle on the left on a white background"
-    images = sd(prompt, negative_prompt="blue", num_inference_steps=3, generator=generator, output_type="pt")
+    images = sd(prompt, negative_prompt="blue", num_inference_steps=3, generator=generator, output_type="pt").images
     assert images.shape == (1, 3, RES, RES)
     init = images[0].permute(1, 2, 0).mul(255).round().byte().numpy()
     from PIL import Image
 
     init = Image.fromarray(init)
-    out = sd(prompt, image=init, strength=0.5, num_inference_steps=4, generator=generator, output_type="pt")
+    out = sd(prompt, image=init, strength=0.5, num_inference_steps=4, generator=generator, output_type="pt").images
     assert out.shape == (1, 3, RES, RES)
     mask = Image.new("L", (RES, RES), 0)
     mask.paste(255, (0, 0, RES // 2, RES))
-    out = sd(prompt, image=init, mask_image=mask, num_inference_steps=3, generator=generator, output_type="pt")
+    out = sd(prompt, image=init, mask_image=mask, num_inference_steps=3, generator=generator, output_type="pt").images
     assert out.shape == (1, 3, RES, RES)
 
 
@@ -134,5 +134,6 @@ def test_zero_terminal_snr_recipe(vae_dir, tmp_path):
     assert sd.scheduler.alphas_cumprod[-1] < 1e-6  # SD's own: 0.0047
     sd.scheduler.set_timesteps(4)
     assert int(sd.scheduler.timesteps[0]) == 999
-    images = sd("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    images = sd("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images
     assert images.shape == (1, 3, RES, RES) and torch.isfinite(images).all()

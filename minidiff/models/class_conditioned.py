@@ -22,6 +22,7 @@ from torch import nn
 
 from minidiff.config import CLASSES, WIDTH, config_from, require, setting, validate
 from minidiff.models.outputs import UNet2DOutput
+from minidiff.models.pretrained import PretrainedModel
 from minidiff.models.unet import UNet2DConfig, UNet2DModel
 
 
@@ -55,7 +56,7 @@ class ClassConditionedConfig:
                 f"must be the image channels + class_emb_size ({self.class_emb_size})")
 
 
-class ClassConditionedUNet(nn.Module):
+class ClassConditionedUNet(PretrainedModel, nn.Module):
     """forward(x (B, C, H, W), t, class_labels (B,) int64) -> UNet2DOutput, .sample (B, out_channels, H, W)."""
 
     def __init__(self, config: ClassConditionedConfig | dict | None = None, **kwargs):

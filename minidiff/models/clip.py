@@ -32,6 +32,7 @@ from torch import nn
 from minidiff.config import SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.attention import multi_head_attention
 from minidiff.models.outputs import ModelOutput
+from minidiff.models.pretrained import PretrainedModel
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +289,7 @@ class CLIPTextEmbeddings(nn.Module):
         return inputs_embeds + self.position_embedding(position_ids)
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(PretrainedModel, nn.Module):
     """The CLIP text transformer (transformers' CLIPTextModel); the Stable Diffusion text encoder."""
 
     def __init__(self, config: CLIPTextConfig):
@@ -434,7 +435,7 @@ class CLIPVisionEmbeddings(nn.Module):
         return h + self.position_embedding.weight[None]
 
 
-class CLIPVisionModel(nn.Module):
+class CLIPVisionModel(PretrainedModel, nn.Module):
     """The CLIP vision transformer (ViT, Dosovitskiy et al. 2020) as transformers' CLIPVisionModel."""
 
     def __init__(self, config: CLIPVisionConfig):
@@ -482,7 +483,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.pow(torch.sum(torch.pow(x, 2), dim=-1, keepdim=True), 0.5)  # transformers' exact operations
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(PretrainedModel, nn.Module):
     """Both towers, their projections into the shared space and the learned temperature (logit_scale)."""
 
     def __init__(self, config: CLIPConfig):

@@ -130,6 +130,16 @@ class CLIPTokenizer:
         self.eos_token_id = self.encoder[EOS]
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        revision: str | None = None) -> "CLIPTokenizer":
+        """transformers' loader: a tokenizer folder, a model folder holding one (a minidiff folder, a diffusers
+        pipeline with subfolder="tokenizer", a transformers CLIP folder) or a hub id already in the local Hugging
+        Face cache; never downloads. Formats are read in minidiff/convert/pretrained.py (the one call up)."""
+        from minidiff.convert.pretrained import load_tokenizer
+
+        return load_tokenizer(pretrained_model_name_or_path, subfolder=subfolder, revision=revision)
+
+    @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
         """Load a model's tokenizer folder in the transformers/diffusers layout (see read_tokenizer_folder), with
         its pad token, length (77 if it names none) and added tokens."""

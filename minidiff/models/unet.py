@@ -23,6 +23,7 @@ from torch import nn
 from minidiff.config import CLASSES, DEPTH, LEVELS, SIDE, WIDTH, config_from, from_json_dict, require, setting, validate
 from minidiff.models.layers import Attention, TimestepEmbedding, timestep_embedding
 from minidiff.models.outputs import UNet2DOutput
+from minidiff.models.pretrained import PretrainedModel
 from minidiff.models.unet_blocks import UNetSkeleton, check_block_types, unet_blocks
 
 
@@ -84,7 +85,7 @@ class UNet2DConfig:
         return from_json_dict(cls, d)
 
 
-class UNet2DModel(UNetSkeleton):
+class UNet2DModel(PretrainedModel, UNetSkeleton):
     """diffusers' UNet2DModel: predicts noise (or x0 / v) from a noisy image, a timestep and a class.
 
     Runs at any size the downsampling allows, not only sample_size: the up blocks upsample to the size of

@@ -25,6 +25,7 @@ from torch import nn
 from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, config_from, from_json_dict, require, setting, validate
 from minidiff.models.layers import TimestepEmbedding, activation, timestep_embedding
 from minidiff.models.outputs import UNet2DOutput
+from minidiff.models.pretrained import PretrainedModel
 from minidiff.models.transformer import Transformer2D
 from minidiff.models.unet_blocks import UNetSkeleton, check_block_types, unet_blocks
 
@@ -132,7 +133,7 @@ UNSUPPORTED = {
 }
 
 
-class UNet2DConditionModel(UNetSkeleton):
+class UNet2DConditionModel(PretrainedModel, UNetSkeleton):
     """diffusers' UNet2DConditionModel for SD 1.x/2.x: predicts noise (or v) from noisy latents, a timestep
     and the text encoder's hidden states."""
 

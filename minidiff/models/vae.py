@@ -28,6 +28,7 @@ from torch import nn
 from minidiff.config import DEPTH, LEVELS, SIDE, WIDTH, config_from, from_json_dict, require, setting, validate
 from minidiff.models.layers import ACTIVATIONS, Attention, Downsample, ResnetBlock, Upsample
 from minidiff.models.outputs import AutoencoderKLOutput, DecoderOutput
+from minidiff.models.pretrained import PretrainedModel
 from minidiff.models.unet_blocks import MidBlock
 from minidiff.noise import Generator, randn_tensor
 
@@ -206,7 +207,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedModel, nn.Module):
     """diffusers' AutoencoderKL without tiling or slicing: `encode` images in [-1, 1] to a DiagonalGaussian,
     `decode` latents to images. Both work on unscaled latents: see the module docstring for scaling_factor."""
 

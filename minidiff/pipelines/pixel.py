@@ -14,22 +14,24 @@ sampled with classifier-free guidance (Ho & Salimans 2022, eq. 6), the same mix 
     eps = eps(x_t, t, no class) + cfg_scale * (eps(x_t, t, class) - eps(x_t, t, no class))
 
 `PixelPipeline.denoise` is a generator that yields after every step, so a caller (sample.py) owns the
-progress bar; `PixelPipeline.__call__` runs it to the end. Noise is drawn exactly as diffusers' DDPMPipeline
-and DDIMPipeline draw it, so the same seed gives the same image (tests/test_pixel_pipeline.py).
+progress bar; `PixelPipeline.__call__` runs it to the end and returns `.images`. Noise is drawn exactly as
+diffusers' DDPMPipeline and DDIMPipeline draw it, so the same seed gives the same image
+(tests/test_pixel_pipeline.py). Under diffusers' names: DDPMPipeline is this class, DDIMPipeline this class
+with its scheduler made a DDIMScheduler (as diffusers' DDIMPipeline does).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
 from torch import nn
 
-from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
+from minidiff.pipelines.base import DiffusionPipeline, ImagePipelineOutput, postprocess
 from minidiff.pipelines.guidance import LossGuidance, classifier_free_guidance
-from minidiff.schedulers import Scheduler
+from minidiff.schedulers import DDIMScheduler, Scheduler
 
 # For models with a "no class" label (weights/digits); 1.0 turns guidance off. Measured on weights/digits
 # (tests/quality_digits.py, 200 digits per seed): the asked digit is drawn 93.5 / 93.5 / 88.5% of the time
@@ -39,12 +41,16 @@ from minidiff.schedulers import Scheduler
 DEFAULT_CFG_SCALE = 1.25
 
 
-class PixelPipeline:
+class PixelPipeline(DiffusionPipeline):
     """A pixel-space denoiser and its scheduler, ready to sample.
 
     `unet` is a UNet2DModel (optionally class-conditional through num_class_embeds) or the course's
-    ClassConditionedUNet; `scheduler` any minidiff scheduler, DDPM, DDIM, ... (the sampler is the scheduler).
+    ClassConditionedUNet; `scheduler` any minidiff scheduler, DDPM, DDIM, ... (the sampler is the scheduler;
+    swap it with `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`).
     """
+
+    component_names = ("unet", "scheduler")
+    kind = "pixel"
 
     def __init__(self, unet: nn.Module, scheduler: Scheduler) -> None:
         self.unet = unet
@@ -145,15 +151,36 @@ class PixelPipeline:
         return x * self.scheduler.init_noise_sigma, class_labels
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: Generator = None, num_inference_steps: int | None = None,
+    def __call__(self, batch_size: int = 1, generator: Generator = None, num_inference_steps: int | None = None, *,
                  eta: float = 0.0, class_labels: torch.Tensor | list[int] | None = None,
                  guidance: LossGuidance | None = None, height: int | None = None, width: int | None = None,
-                 output_type: str = "pil", cfg_scale: float = 1.0) -> list[Image.Image] | torch.Tensor:
-        """Sample `batch_size` images. output_type "pil" gives PIL images, "pt" a (B, C, H, W) tensor in [0, 1]
-        (what diffusers' pipelines return for "pt"). cfg_scale: classifier-free guidance (see denoise)."""
-        if output_type not in ("pil", "pt"):
-            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+                 output_type: str = "pil", cfg_scale: float = 1.0,
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """Sample `batch_size` images -> `.images`: PIL images ("pil"), (B, H, W, C) floats in [0, 1] ("np") or
+        (B, C, H, W) in [0, 1] ("pt"); return_dict=False: the tuple (images,). num_inference_steps defaults to
+        the scheduler's (DDPM: all 1000, DDIM: 50). cfg_scale: classifier-free guidance (see denoise)."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         x, class_labels = self.prepare(batch_size, num_inference_steps, generator, height, width, class_labels)
-        for x_prev in self.denoise(x, class_labels, guidance, generator, eta, cfg_scale):
+        steps = self.denoise(x, class_labels, guidance, generator, eta, cfg_scale)
+        for x_prev in self.progress_bar(steps, total=len(self.scheduler.timesteps)):
             x = x_prev
-        return to_pil(x) if output_type == "pil" else (x / 2 + 0.5).clamp(0, 1)
+        images = postprocess(x, output_type)
+        return ImagePipelineOutput(images) if return_dict else (images,)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write a minidiff model folder (which must not exist yet): the UNet and the scheduler's config."""
+        from minidiff.loading.model_folder import save_pixel_model, scheduler_json
+
+        save_pixel_model(save_directory, self.unet, self.unet.config, scheduler_json(self.scheduler))
+
+
+DDPMPipeline = PixelPipeline  # diffusers' name for it
+
+
+class DDIMPipeline(PixelPipeline):
+    """diffusers' DDIMPipeline: a PixelPipeline whose scheduler is turned into a DDIMScheduler with the same
+    config (the same noise schedule), so it samples in 50 steps by default."""
+
+    def __init__(self, unet: nn.Module, scheduler: Scheduler) -> None:
+        super().__init__(unet, DDIMScheduler.from_config(scheduler.config))

@@ -13,7 +13,9 @@ Unit 3 of the course, in five moves:
    takes: pure noise (txt2img), the image's latents noised to the strength's timestep (img2img), or noise with
    a mask and the masked image as extra UNet input channels (inpainting UNet), or blended back after every
    step (any UNet, as the course does) (inpaint);
-5. sd(prompt, ...) picks the mode from diffusers' argument names (image, mask_image), runs the loop, decodes.
+5. sd(prompt, ...) picks the mode from diffusers' argument names (image, mask_image), runs the loop, decodes,
+   and returns `.images`. Under diffusers' names: StableDiffusionPipeline is this class; the img2img and
+   inpainting pipelines are the same class asking for image (and mask_image).
 
 Every random draw happens in the same order, shape and generator as in diffusers 0.42's StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline, so a seed gives the same image
@@ -22,6 +24,7 @@ StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline, so a seed giv
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +34,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from minidiff.images import to_pil
 from minidiff.noise import Generator, randn_tensor
+from minidiff.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, postprocess
 from minidiff.pipelines.guidance import classifier_free_guidance
 from minidiff.schedulers import Scheduler
 
@@ -90,15 +93,25 @@ class Run:
     noise: torch.Tensor | None = None  # blended inpainting: the noise used to re-noise image_latents
 
 
-class StableDiffusion:
+class StableDiffusion(DiffusionPipeline):
     """A loaded Stable Diffusion model. Call it with diffusers' argument names:
     `sd(prompt, negative_prompt=..., num_inference_steps=50, guidance_scale=7.5, generator=..., image=...,
-    strength=..., mask_image=...)` -> list of PIL images. Or step through one mode, under torch.no_grad():
-    `run = sd.img2img(prompt, image, 0.6)`, `for latents in sd.denoise(run): ...`, `sd.decode_latents(latents)`."""
+    strength=..., mask_image=...).images` -> PIL images. Or step through one mode, under torch.no_grad():
+    `run = sd.img2img(prompt, image, 0.6)`, `for latents in sd.denoise(run): ...`, `sd.decode(latents)`.
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler: Scheduler):
-        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
-            unet, vae, text_encoder, tokenizer, scheduler)
+    Built from diffusers' components, in diffusers' order, so `StableDiffusionImg2ImgPipeline(**pipe.components)`
+    works; minidiff has no safety checker (safety_checker and feature_extractor are None)."""
+
+    component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    kind = "stable-diffusion"
+
+    def __init__(self, vae: nn.Module, text_encoder: nn.Module, tokenizer, unet: nn.Module, scheduler: Scheduler,
+                 safety_checker: None = None, feature_extractor: None = None, requires_safety_checker: bool = False):
+        if safety_checker is not None or requires_safety_checker:
+            raise ValueError("minidiff has no NSFW safety checker: pass safety_checker=None")
+        self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = (
+            vae, text_encoder, tokenizer, unet, scheduler)
+        self.safety_checker = self.feature_extractor = None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD
 
     # 1. Text -> embeddings --------------------------------------------------------------------------------------
@@ -117,21 +130,36 @@ class StableDiffusion:
         out = self.text_encoder(ids.to(device), output_hidden_states=True)
         return self.text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
-    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
-                      do_cfg: bool, clip_skip: int | None = None) -> torch.Tensor:
-        """[negative; positive] embeddings, each repeated num_images_per_prompt times per prompt (interleaved as
-        diffusers does). clip_skip applies to the positive prompt only, as in diffusers."""
+    def encode_prompt(self, prompt: Prompt, device: torch.device | str | None = None, num_images_per_prompt: int = 1,
+                      do_classifier_free_guidance: bool = True, negative_prompt: Prompt | None = None,
+                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' encode_prompt: (prompt embeddings, negative prompt embeddings or None without CFG), each
+        (B * num_images_per_prompt, 77, D), every prompt repeated in place (interleaved as diffusers does). A
+        prompt or negative prompt is a string or a list of them; no negative prompt means "". clip_skip applies to
+        the prompt only, as in diffusers."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         dtype = next(self.text_encoder.parameters()).dtype
 
         def repeat(embeds: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B * n, L, D), each prompt n times
             B, L, D = embeds.shape
-            return embeds.to(dtype).repeat(1, num_images_per_prompt, 1).view(B * num_images_per_prompt, L, D)
+            embeds = embeds.to(device=device, dtype=dtype)
+            return embeds.repeat(1, num_images_per_prompt, 1).view(B * num_images_per_prompt, L, D)
 
-        positive = repeat(self.embed_texts(prompt, clip_skip))
-        if not do_cfg:
-            return positive
-        negative = repeat(self.embed_texts(negative_prompt or [""] * len(prompt)))
-        return torch.cat([negative, positive])
+        positive = repeat(self.embed_texts(prompts, clip_skip))
+        if not do_classifier_free_guidance:
+            return positive, None
+        return positive, repeat(self.embed_texts(negatives or [""] * len(prompts)))
+
+    def _encode_prompt(self, prompt: Prompt, device: torch.device | str | None, num_images_per_prompt: int,
+                       do_classifier_free_guidance: bool, negative_prompt: Prompt | None = None) -> torch.Tensor:
+        """The older diffusers method the course's Unit 3 calls: encode_prompt's two halves in one batch,
+        [negative; positive] with CFG (the order the denoising loop feeds the UNet)."""
+        positive, negative = self.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                                negative_prompt)
+        return positive if negative is None else torch.cat([negative, positive])
 
     # 2. Images <-> latents --------------------------------------------------------------------------------------
 
@@ -145,9 +173,14 @@ class StableDiffusion:
             latents = self.vae.encode(images).latent_dist.sample(generator)
         return self.vae.config.scaling_factor * latents
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> (B, 3, H, W) images in [-1, 1] (unclamped)."""
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """The older diffusers method the course's Unit 3 calls: latents -> (B, H, W, 3) floats in [0, 1]; then
+        pipe.numpy_to_pil(images)."""
+        return postprocess(self.decode(latents), "np")
 
     # 3. The denoising loop ----------------------------------------------------------------------------------------
 
@@ -256,15 +289,13 @@ class StableDiffusion:
     def start(self, prompt: Prompt, negative_prompt: Prompt | None, num_inference_steps: int, guidance_scale: float,
               num_images_per_prompt: int, generator: Generator, clip_skip: int | None) -> Run:
         """A Run with the prompts' embeddings (with CFG, g > 1, the negative prompts' too) and every timestep."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        batch = len(prompts) * num_images_per_prompt
+        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image")
         do_cfg = guidance_scale > 1.0  # at g = 1 the negative pass would not change anything
-        embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, clip_skip)
+        positive, negative = self.encode_prompt(prompt, None, num_images_per_prompt, do_cfg, negative_prompt,
+                                                clip_skip)
+        embeddings = positive if negative is None else torch.cat([negative, positive])  # one batch: [uncond; cond]
         self.scheduler.set_timesteps(num_inference_steps)
         return Run(embeddings, self.scheduler.timesteps, guidance_scale, do_cfg, batch)
 
@@ -320,17 +351,50 @@ class StableDiffusion:
                  width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generator = None,
                  latents: torch.Tensor | None = None, image=None, mask_image=None, strength: float | None = None,
-                 guidance_rescale: float = 0.0, clip_skip: int | None = None, output_type: str = "pil"):
-        """Generate images in the mode the arguments name (see prepare). output_type: "pil" (list of PIL images),
-        "pt" ((B, 3, H, W) in [0, 1]) or "latent"."""
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> StableDiffusionPipelineOutput | tuple:
+        """Generate images in the mode the arguments name (see prepare) -> `.images`: output_type "pil" (PIL
+        images), "np" ((B, H, W, 3) floats in [0, 1]), "pt" ((B, 3, H, W) in [0, 1]) or "latent" (the final
+        latents); return_dict=False: the tuple (images, None)."""
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         run = self.prepare(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                            num_images_per_prompt, generator, latents, image, mask_image, strength, clip_skip)
         latents = run.latents
-        for step_latents in self.denoise(run, guidance_rescale, eta, generator):
+        for step_latents in self.progress_bar(self.denoise(run, guidance_rescale, eta, generator),
+                                              total=len(run.timesteps)):
             latents = step_latents
-        if output_type == "latent":
-            return latents
-        images = self.decode_latents(latents)
-        return to_pil(images) if output_type == "pil" else (images / 2 + 0.5).clamp(0, 1)
+        images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
+        return StableDiffusionPipelineOutput(images) if return_dict else (images, None)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write a minidiff model folder (which must not exist yet) that from_pretrained reads back."""
+        from minidiff.loading.model_folder import save_stable_diffusion
+
+        save_stable_diffusion(save_directory, self)
+
+    def load_textual_inversion(self, pretrained_model_name_or_path: str | os.PathLike | dict,
+                               token: str | None = None) -> list[str]:
+        """diffusers' load_textual_inversion: a learned_embeds.bin / .safetensors (diffusers' textual inversion),
+        an A1111 embedding file, or its dict, read weights-only (no pickled code runs); the word(s) join the
+        tokenizer and the text encoder. Returns the tokens added (a multi-vector concept adds token, token_1, ...)."""
+        from minidiff.loading.textual_inversion import load_textual_inversion_into
+
+        return load_textual_inversion_into(self, pretrained_model_name_or_path, token)
+
+
+StableDiffusionPipeline = StableDiffusion  # diffusers' name for it
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusion):
+    """diffusers' img2img pipeline: StableDiffusion called with an image (strength 0.8 by default)."""
+
+    def __call__(self, prompt: Prompt, image: ImageInput, strength: float = 0.8, **kwargs):
+        return super().__call__(prompt, image=image, strength=strength, **kwargs)
+
+
+class StableDiffusionInpaintPipeline(StableDiffusion):
+    """diffusers' inpainting pipeline: StableDiffusion called with an image and the mask of what to repaint."""
+
+    def __call__(self, prompt: Prompt, image: ImageInput, mask_image: ImageInput, strength: float = 1.0, **kwargs):
+        return super().__call__(prompt, image=image, mask_image=mask_image, strength=strength, **kwargs)

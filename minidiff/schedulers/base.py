@@ -14,7 +14,9 @@ the full grid of options).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -192,13 +194,15 @@ class Scheduler:
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
 
     @classmethod
-    def from_config(cls, config: dict, **overrides):
+    def from_config(cls, config: dict | str | os.PathLike, **overrides):
         """Build from a diffusers scheduler_config.json dict as it is, or from another scheduler's `.config`
         (the course's swap: DDIMScheduler.from_config(pipe.scheduler.config)), as diffusers does:
         - this scheduler's settings come from `overrides`, else from `config`, else its defaults; a setting the
           other scheduler had only by default ("_use_default_values") takes this one's default;
         - every other key is kept in .config as it is ("_class_name" renamed to this class), unused; an unknown
           key that no diffusers scheduler writes draws a warning. Invalid values raise ValueError."""
+        if isinstance(config, str | os.PathLike):  # the course's older form: from_config("google/ddpm-bedroom-256")
+            return cls.from_pretrained(config, **overrides)
         defaults = set(config.get("_use_default_values", ()))
         config = {k: v for k, v in config.items() if k not in defaults and k != "_use_default_values"}
         own = {field.name for field in dataclasses.fields(cls.config_class)}
@@ -213,6 +217,26 @@ class Scheduler:
         scheduler = cls(**settings)
         dict.update(scheduler.config, kept)  # the frozen dict's one write, while it is being built
         return scheduler
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        revision: str | None = None, **overrides):
+        """This scheduler with the config a model ships: a minidiff folder's "scheduler" section, or
+        scheduler_config.json in a diffusers folder (in `subfolder`, "scheduler/" or the folder itself), or a hub id
+        already in the local Hugging Face cache; never downloads. Read in minidiff/convert/pretrained.py."""
+        from minidiff.convert.pretrained import load_scheduler
+
+        return load_scheduler(cls, pretrained_model_name_or_path, subfolder=subfolder, revision=revision, **overrides)
+
+    def __getattr__(self, name: str):
+        """A config value read as an attribute (scheduler.num_train_timesteps), as diffusers still allows."""
+        config = self.__dict__.get("config", {})
+        if name in config:
+            return config[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {json.dumps(dict(self.config), indent=2, default=str)}"
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -155,7 +155,8 @@ def new_text_to_image_model(vae: AutoencoderKL, seed: int, scheduler_config: dic
     unet = UNet2DConditionModel(UNet2DConditionConfig(**TINY_UNET))
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
     vae.requires_grad_(False).eval()
-    sd = StableDiffusion(unet.train(), vae, text_encoder.train(), CLIPTokenizer(), None)
+    sd = StableDiffusion(vae=vae, text_encoder=text_encoder.train(), tokenizer=CLIPTokenizer(), unet=unet.train(),
+                         scheduler=None)
     return SDModel(sd, scheduler_config, "trained from scratch")
 
 
@@ -186,7 +187,8 @@ def text_to_image_task(vae_path: str | Path, dataset: CaptionedShapes, caption_d
         save_stable_diffusion(path, sd, source=source, scheduler_config=scheduler_config, dtype=torch.float16)
 
     def sample_grid(generator: torch.Generator):
-        images = draw(prompts, num_inference_steps=sample_steps, guidance_scale=guidance_scale, generator=generator)
+        images = draw(prompts, num_inference_steps=sample_steps, guidance_scale=guidance_scale,
+                      generator=generator).images
         return make_grid(images, columns=min(4, len(images)))
 
     fingerprint = {"mode": "text-to-image", "vae": str(Path(vae_path).resolve()), "unet": TINY_UNET,

@@ -95,7 +95,9 @@ def sampler(model: SDModel) -> StableDiffusion:
     """The model being trained, sampled with DDIM (the folder's noise schedule), for grids and class images."""
     sd = model.sd
     ddim = DDIMScheduler.from_config(model.scheduler_config)
-    return StableDiffusion(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, ddim)
+    pipe = StableDiffusion(**{**sd.components, "scheduler": ddim})
+    pipe.set_progress_bar_config(disable=True)  # the training loop has its own bar
+    return pipe
 
 
 @dataclass
@@ -198,7 +200,7 @@ def generate_class_images(model: SDModel, folder: str | Path, prompt: str, count
             batch = todo[start : start + CLASS_IMAGES_PER_BATCH]
             generators = [torch.Generator().manual_seed(seeds[i]) for i in batch]
             images = draw(prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                           num_images_per_prompt=len(batch), generator=generators)
+                           num_images_per_prompt=len(batch), generator=generators).images
             for i, image in zip(batch, images, strict=True):
                 save_png(image, folder / names[i], {"prompt": prompt, "seed": seeds[i], "steps": steps,
                                                     "software": "minidiff"})  # fmt: skip
@@ -225,7 +227,7 @@ def sd_task(mode: str, model: SDModel, objective: LatentDenoisingLoss, dataset: 
     def sample_grid(generator: torch.Generator):
         objective.write_placeholder_embedding()
         images = draw(sample_prompt, height=size, width=size, num_inference_steps=sample_steps,
-                       num_images_per_prompt=num_sample_images, generator=generator)
+                       num_images_per_prompt=num_sample_images, generator=generator).images
         return make_grid(images)
 
     fingerprint = {"mode": mode, "model": model.origin, "data": data, "resolution": size,

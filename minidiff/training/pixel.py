@@ -131,6 +131,7 @@ def pixel_task(mode: str, dataset: ImageDataset, model: PixelModel, gradient_che
         unet_config = dataclasses.replace(unet_config, sample_size=size)
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     pipeline = PixelPipeline(model.unet, DDIMScheduler.from_config(model.scheduler_config))
+    pipeline.set_progress_bar_config(disable=True)  # the training loop has its own bar
     check_model_fits(mode, pipeline, dataset)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model.unet)
@@ -146,7 +147,7 @@ def pixel_task(mode: str, dataset: ImageDataset, model: PixelModel, gradient_che
         labels = [i % len(classes) for i in range(num_sample_images)] if classes else None
         cfg_scale = DEFAULT_CFG_SCALE if pipeline.has_null_class else 1.0
         images = pipeline(num_sample_images, generator, sample_steps, class_labels=labels, height=size, width=size,
-                          cfg_scale=cfg_scale)
+                          cfg_scale=cfg_scale).images
         return make_grid(images, columns=len(classes) if classes else None)
 
     fingerprint = {"mode": mode, "model": model.origin, "unet": to_json_dict(unet_config),
