@@ -88,8 +88,8 @@ def test_eta_reaches_ddim_only_when_set():
         with pytest.raises(TypeError, match="eta"):
             pipe(num_inference_steps=4, eta=0.5)
     ddim = PixelPipeline(unet, SCHEDULERS["ddim"]())
-    deterministic = ddim(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0))
-    noisy = ddim(num_inference_steps=4, output_type="pt", eta=1.0, generator=torch.Generator().manual_seed(0))
+    deterministic = ddim(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    noisy = ddim(num_inference_steps=4, output_type="pt", eta=1.0, generator=torch.Generator().manual_seed(0)).images
     assert (deterministic - noisy).abs().max() > 1e-3
 
 

@@ -110,9 +110,9 @@ def test_ddim_pipeline_same_seed_same_image_with_a_generator_per_image(tiny, eta
     def run(pipe, **kwargs):
         return pipe(batch_size=2, generator=[seeded(5), seeded(6)], eta=eta, num_inference_steps=20, **kwargs).images
 
-    expected = run(reference, output_type="np").images  # (B, H, W, C)
+    expected = run(reference, output_type="np")  # (B, H, W, C)
     assert_close(torch.from_numpy(expected), run(ours, output_type="pt").permute(0, 2, 3, 1))
-    assert_same_pil(run(reference).images, run(ours), expected)
+    assert_same_pil(run(reference), run(ours), expected)
 
 
 def test_class_conditional_unet_matches_a_diffusers_loop(tmp_path):
@@ -180,7 +180,7 @@ def test_bin_weights_convert_like_safetensors(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert from_bin.scheduler.config == from_safetensors.scheduler.config
     expected = tiny.pipe(batch_size=1, generator=seeded(4), num_inference_steps=5, output_type="pt").images
-    assert_close(expected, from_bin(generator=seeded(4), num_inference_steps=5, output_type="pt"))
+    assert_close(expected, from_bin(generator=seeded(4), num_inference_steps=5, output_type="pt").images)
 
 
 def test_model_folder_without_scheduler_gets_ddpm_defaults(tiny, tmp_path, capsys):

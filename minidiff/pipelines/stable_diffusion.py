@@ -179,8 +179,9 @@ class StableDiffusion(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """The older diffusers method the course's Unit 3 calls: latents -> (B, H, W, 3) floats in [0, 1]; then
-        pipe.numpy_to_pil(images)."""
-        return postprocess(self.decode(latents), "np")
+        pipe.numpy_to_pil(images). It multiplies by 1 / scaling_factor as diffusers' old method did (decode
+        divides, as its pipelines now do: the two differ in the last bit)."""
+        return postprocess(self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample, "np")
 
     # 3. The denoising loop ----------------------------------------------------------------------------------------
 
