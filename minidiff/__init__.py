@@ -11,6 +11,7 @@ changed (`from diffusers import DDPMPipeline` -> `from minidiff import DDPMPipel
 
 __version__ = "0.1.0"
 
+from minidiff import logging  # noqa: E402  (transformers' logging.set_verbosity_error, as the Deep Dive imports it)
 from minidiff.models.class_conditioned import ClassConditionedUNet  # noqa: E402
 from minidiff.models.clip import (  # noqa: E402
     CLIPModel,
@@ -36,5 +37,5 @@ __all__ = [
     "AutoencoderKL", "CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPVisionModel",
     "CLIPVisionModelWithProjection", "ClassConditionedUNet", "DDIMPipeline", "DDIMScheduler", "DDPMPipeline",
     "DDPMScheduler", "PNDMScheduler", "PixelPipeline", "StableDiffusion", "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline", "StableDiffusionPipeline", "UNet2DConditionModel", "UNet2DModel",
+    "StableDiffusionInpaintPipeline", "StableDiffusionPipeline", "UNet2DConditionModel", "UNet2DModel", "logging",
 ]

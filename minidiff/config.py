@@ -25,6 +25,8 @@ import typing
 import warnings
 from collections.abc import Collection, Iterable
 
+from minidiff.logging import MinidiffWarning
+
 # Upper bounds shared by the model configs: several times the largest real checkpoint, yet finite, so that a typo
 # asking for terabytes is refused before anything is allocated.
 WIDTH = 8192  # channels and hidden sizes: SD's widest UNet block 1280, CLIP ViT-bigG 1664 (its MLP 8192 = 4 * WIDTH)
@@ -146,7 +148,7 @@ def from_json_dict(cls, d: dict, ignore: Iterable[str] = ()):
     ignore = set(ignore)
     unknown = sorted(k for k in d if not k.startswith("_") and k not in names and k not in ignore)
     if unknown:
-        warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=3)
+        warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", MinidiffWarning, stacklevel=3)
     return cls(**{k: v for k, v in d.items() if k in names})
 
 

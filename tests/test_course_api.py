@@ -58,7 +58,8 @@ def test_unet_output_forms_match_diffusers():
 
 def test_unet_from_keyword_arguments_as_the_class_conditioned_notebook():
     kwargs = dict(sample_size=28, in_channels=1 + 4, out_channels=1, layers_per_block=2,
-                  block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                  block_out_channels=(32, 64, 64),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                   up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
     torch.manual_seed(0)
     reference = DiffusersUNet2DModel(**kwargs)
@@ -214,3 +215,35 @@ def test_a_model_stays_trainable():
 def test_autoencoder_from_keyword_arguments():
     vae = AutoencoderKL(**TINY_VAE)
     assert vae.config.latent_channels == 4 and vae.config.block_out_channels == (32, 64)
+
+
+@pytest.mark.parametrize("model", ["UNet2DModel", "UNet2DConditionModel", "AutoencoderKL"])
+def test_same_seed_same_initial_weights_as_diffusers(model):
+    """The class-conditioned notebook trains its UNet from torch.manual_seed's init: the modules are built in
+    diffusers' order (resnet, attention, resnet, ...), so the same seed gives the same starting weights."""
+    import diffusers
+
+    kwargs = {"UNet2DModel": dict(TINY, layers_per_block=2), "UNet2DConditionModel": TINY_UNET,
+              "AutoencoderKL": TINY_VAE}[model]
+    torch.manual_seed(0)
+    expected = getattr(diffusers, model)(**kwargs).state_dict()
+    torch.manual_seed(0)
+    got = getattr(minidiff, model)(**kwargs).state_dict()
+    assert sorted(got) == sorted(expected)  # registration order differs (diffusers lists attentions first)
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+
+
+def test_logging_set_verbosity_error_silences_minidiff_warnings():
+    import warnings
+
+    from minidiff.models.unet import UNet2DConfig
+
+    try:
+        minidiff.logging.set_verbosity_error()
+        with warnings.catch_warnings(record=True) as caught:
+            UNet2DConfig.from_dict({"not_a_key": 1})
+        assert caught == []
+    finally:
+        minidiff.logging.set_verbosity_warning()
+    with pytest.warns(UserWarning, match="not_a_key"):
+        UNet2DConfig.from_dict({"not_a_key": 1})

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # It may import its own group and every group of a lower layer: models and schedulers never import each
 # other, and neither do convert and training.
 LAYERS = {  # group: (layer, paths)
-    "base": (0, ["minidiff/config.py", "minidiff/noise.py", "minidiff/images.py"]),
+    "base": (0, ["minidiff/config.py", "minidiff/noise.py", "minidiff/images.py", "minidiff/logging.py"]),
     "models": (1, ["minidiff/models/"]),
     "schedulers": (1, ["minidiff/schedulers/"]),
     "pipelines": (2, ["minidiff/pipelines/"]),

@@ -244,7 +244,7 @@ def test_flat_legacy_celebahq_256_converts_and_samples(tmp_path):
     try:
         expected = quiet(DDIMPipeline(reference, scheduler))(generator=seeded(0), num_inference_steps=20,
                                                              output_type="np").images[0]
-        got = ddim(generator=seeded(0), num_inference_steps=20)[0]
+        got = ddim(generator=seeded(0), num_inference_steps=20).images[0]
     finally:
         torch.set_num_threads(threads)
     levels = np.abs(np.asarray(got, dtype=np.int16) - np.round(expected * 255).astype(np.int16))

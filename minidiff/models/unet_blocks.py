@@ -77,10 +77,11 @@ class DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, resnet: MakeResnet,
                  attention: MakeAttention | None, *, add_downsample: bool, downsample_padding: int):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            resnet(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)
-        )
-        self.attentions = nn.ModuleList(attention() for _ in range(num_layers if attention else 0))
+        resnets, attentions = [], []
+        for i in range(num_layers):  # built in diffusers' order, so a seed gives diffusers' initial weights
+            resnets.append(resnet(in_channels if i == 0 else out_channels, out_channels))
+            attentions += [attention()] if attention else []
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
         # A list (empty or one) so the keys read downsamplers.0.conv.* as in diffusers.
         self.downsamplers = nn.ModuleList(
             [Downsample(out_channels, padding=downsample_padding)] if add_downsample else []
@@ -111,12 +112,13 @@ class UpBlock(nn.Module):
     def __init__(self, in_channels: int, prev_channels: int, out_channels: int, num_layers: int,
                  resnet: MakeResnet, attention: MakeAttention | None, *, add_upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList()
-        for i in range(num_layers):
+        resnets, attentions = [], []
+        for i in range(num_layers):  # in diffusers' order, as DownBlock
             h_channels = prev_channels if i == 0 else out_channels
             skip_channels = in_channels if i == num_layers - 1 else out_channels
-            self.resnets.append(resnet(h_channels + skip_channels, out_channels))
-        self.attentions = nn.ModuleList(attention() for _ in range(num_layers if attention else 0))
+            resnets.append(resnet(h_channels + skip_channels, out_channels))
+            attentions += [attention()] if attention else []
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
 
     def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, *context: torch.Tensor,
@@ -138,8 +140,10 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, resnet: MakeResnet, attention: MakeAttention | None):
         super().__init__()
-        self.resnets = nn.ModuleList(resnet(channels, channels) for _ in range(2))
-        self.attentions = nn.ModuleList([attention()] if attention else [])
+        first = resnet(channels, channels)  # built in diffusers' order: resnet, attention, resnet
+        attentions = [attention()] if attention else []
+        self.resnets = nn.ModuleList([first, resnet(channels, channels)])
+        self.attentions = nn.ModuleList(attentions)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None, *context: torch.Tensor) -> torch.Tensor:
         h = self.resnets[0](h, emb)

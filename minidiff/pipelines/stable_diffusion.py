@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from minidiff.logging import MinidiffWarning
 from minidiff.noise import Generator, randn_tensor
 from minidiff.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, postprocess
 from minidiff.pipelines.guidance import classifier_free_guidance
@@ -121,7 +122,8 @@ class StableDiffusion(DiffusionPipeline):
         max_length = self.tokenizer.model_max_length
         for text in texts:
             if len(self.tokenizer.encode(text)) + 2 > max_length:
-                warnings.warn(f"prompt truncated to CLIP's {max_length} tokens: {text[:60]!r}...", stacklevel=3)
+                warnings.warn(f"prompt truncated to CLIP's {max_length} tokens: {text[:60]!r}...", MinidiffWarning,
+                              stacklevel=3)
         ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                              return_tensors="pt")["input_ids"]
         device = next(self.text_encoder.parameters()).device
@@ -168,7 +170,8 @@ class StableDiffusion(DiffusionPipeline):
         With a list of generators each image uses its own (diffusers' order)."""
         if isinstance(generator, list):
             posteriors = [self.vae.encode(images[i : i + 1]).latent_dist for i in range(len(images))]
-            latents = torch.cat([q.sample(g) for q, g in zip(posteriors, generator, strict=True)])
+            # image i draws from generator i; one image with several generators uses the first, as diffusers does
+            latents = torch.cat([q.sample(g) for q, g in zip(posteriors, generator, strict=False)])
         else:
             latents = self.vae.encode(images).latent_dist.sample(generator)
         return self.vae.config.scaling_factor * latents

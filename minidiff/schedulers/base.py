@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from minidiff.config import require, setting, validate
+from minidiff.logging import MinidiffWarning
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -211,7 +212,7 @@ class Scheduler:
         unknown = sorted(k for k in {**kept, **overrides} if k not in own and not k.startswith("_")
                          and k not in OTHER_SCHEDULER_KEYS)
         if unknown:
-            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=2)
+            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", MinidiffWarning, stacklevel=2)
         if "_class_name" in kept:
             kept["_class_name"] = cls.__name__
         scheduler = cls(**settings)
