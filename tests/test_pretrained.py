@@ -110,6 +110,11 @@ def ddpm(tmp_path_factory):
     return pipe, folder / "diffusers", flat
 
 
+def token_ids(tokenizer, **options) -> torch.Tensor:
+    """PROMPTS padded to the tokenizer's length, as the pipelines tokenize them (minidiff's or transformers')."""
+    return tokenizer(PROMPTS, padding="max_length", return_tensors="pt", **options).input_ids
+
+
 def unet_inputs(unet) -> tuple:
     config = unet.config
     x = randn(2, config.in_channels, config.sample_size, config.sample_size)
@@ -121,8 +126,8 @@ def assert_sd_parts_match(pipe, parts: dict, expected: object) -> None:
     """Each component gives the diffusers / transformers output exactly and holds `expected`'s tensors."""
     assert output_diff(pipe.unet, parts["unet"], *unet_inputs(pipe.unet)) == 0.0
     assert output_diff(pipe.vae, parts["vae"], randn(1, 3, 16, 16)) == 0.0
-    ids = parts["tokenizer"](PROMPTS).input_ids
-    assert torch.equal(ids, pipe.tokenizer(PROMPTS, padding="max_length", return_tensors="pt").input_ids)
+    ids = token_ids(parts["tokenizer"])
+    assert torch.equal(ids, token_ids(pipe.tokenizer))
     with torch.no_grad():
         got, theirs = parts["text_encoder"](ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state
     assert max_diff(got, theirs) == 0.0
@@ -247,9 +252,9 @@ def test_schedulers_and_tokenizers(sd, ddpm):
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
     assert torch.equal(ours.timesteps, theirs.timesteps) and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
-    expected = pipe.tokenizer(PROMPTS, padding="max_length", return_tensors="pt").input_ids
+    expected = token_ids(pipe.tokenizer)
     for source, subfolder in ((src, "tokenizer"), (src / "tokenizer", None), (converted, None)):
-        assert torch.equal(load_tokenizer(source, subfolder=subfolder)(PROMPTS).input_ids, expected)
+        assert torch.equal(token_ids(load_tokenizer(source, subfolder=subfolder)), expected)
     with pytest.raises(ValueError, match='pass subfolder="tokenizer"'):
         load_tokenizer(src)
 
@@ -261,9 +266,8 @@ def test_transformers_clip_folder_and_its_towers(tmp_path):
     theirs_tokenizer = transformers.CLIPTokenizer.from_pretrained(hub_tokenizer(tmp_path / "vocab", "<|endoftext|>"))
     theirs_tokenizer.save_pretrained(tmp_path / "clip")
     tokenizer = load_tokenizer(tmp_path / "clip")
-    ids = tokenizer(PROMPTS).input_ids
-    assert tokenizer.model_max_length == 16 and torch.equal(ids, theirs_tokenizer(
-        PROMPTS, padding="max_length", max_length=16, return_tensors="pt").input_ids)  # fmt: skip
+    ids = token_ids(tokenizer)
+    assert tokenizer.model_max_length == 16 and torch.equal(ids, token_ids(theirs_tokenizer, max_length=16))
     pixels = randn(2, 3, 30, 30, seed=3)
     with torch.no_grad():
         model = load_model("CLIPModel", tmp_path / "clip")
@@ -306,13 +310,30 @@ def test_loaded_models_train(sd):
     assert not unet.training and all(p.requires_grad for p in unet.parameters())
     text_encoder = load_model("CLIPTextModel", src, subfolder="text_encoder")
     before = {k: v.clone() for k, v in text_encoder.state_dict().items()}
-    loss = text_encoder(load_tokenizer(src, "tokenizer")(PROMPTS).input_ids).last_hidden_state.pow(2).mean()
+    loss = text_encoder(token_ids(load_tokenizer(src, "tokenizer"))).last_hidden_state.pow(2).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in text_encoder.parameters())
     torch.optim.SGD(text_encoder.parameters(), lr=0.1).step()
     assert not torch.equal(text_encoder.final_layer_norm.weight, before["final_layer_norm.weight"])
     assert torch.equal(load_model("CLIPTextModel", src, subfolder="text_encoder").final_layer_norm.weight,
                        before["final_layer_norm.weight"])  # the file is untouched (copy-on-write map)
+
+
+def test_the_course_calls_reach_these_loaders(sd, ddpm, hub):
+    """The notebooks' from_pretrained calls (the classes' doors into this module) on hub ids in the cache."""
+    from minidiff import CLIPTokenizer, DDIMScheduler, DDPMPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    sd_pipe, src, _ = sd
+    cache_repo(hub, "org/tiny-sd", src)
+    cache_repo(hub, "google/ddpm-tiny", ddpm[2])  # the flat layout, as google/ddpm-celebahq-256
+    pipe = StableDiffusionPipeline.from_pretrained("org/tiny-sd", torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16} and type(pipe.scheduler) is PNDMScheduler
+    unet = UNet2DConditionModel.from_pretrained("org/tiny-sd", subfolder="unet")
+    assert output_diff(sd_pipe.unet, unet, *unet_inputs(sd_pipe.unet)) == 0.0
+    assert torch.equal(token_ids(CLIPTokenizer.from_pretrained("org/tiny-sd", subfolder="tokenizer")),
+                       token_ids(sd_pipe.tokenizer))
+    assert DDIMScheduler.from_pretrained("google/ddpm-tiny").config.clip_sample
+    assert type(DDPMPipeline.from_pretrained("google/ddpm-tiny").scheduler) is DDPMScheduler
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
