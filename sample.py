@@ -1,4 +1,4 @@
-"""Sample images from a minidiff model folder and save them as one PNG grid.
+"""Sample images from a model (a minidiff folder, a diffusers pipeline, a hub id) and save them as one PNG grid.
 
 The shipped models: a tiny Stable Diffusion (weights/tiny-sd, the default model) and the course's digits:
     python sample.py                                   # "a big red circle" -> sample.png
@@ -6,6 +6,7 @@ The shipped models: a tiny Stable Diffusion (weights/tiny-sd, the default model)
     python sample.py --model weights/digits --class-label 7 --num-images 8 --out sevens.png
 Pixel-space models (weights/digits, converted google/ddpm-*, train.py class-conditioned runs):
     python sample.py --model runs/digits/model --class-label 0 1 2 3 4 5 6 7 8 9 --num-images 8 --out digits.png
+    python sample.py --model google/ddpm-cifar10-32 --scheduler ddim --steps 50    # in the Hugging Face cache
     python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 40 \\
         --guidance color --color "#55FFAA" --guidance-scale 40 --out green.png
     python sample.py --model weights/ddpm-celebahq-256 --scheduler ddim --steps 40 \\
@@ -32,18 +33,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from minidiff.convert.pretrained import load_pipeline, pipeline_kind
 from minidiff.images import make_grid, save_png, to_pil
-from minidiff.loading.model_folder import (
-    DTYPES,
-    ModelFolderError,
-    load_clip,
-    load_pixel_pipeline,
-    load_stable_diffusion,
-    read_config,
-)
+from minidiff.loading.hf_cache import resolve
+from minidiff.loading.model_folder import DTYPES, ModelFolderError, load_clip
 from minidiff.pipelines.clip_guidance import clip_guidance
 from minidiff.pipelines.guidance import LossGuidance, color_loss, parse_hex_color
-from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE
+from minidiff.pipelines.pixel import DEFAULT_CFG_SCALE, PixelPipeline
+from minidiff.pipelines.stable_diffusion import StableDiffusion
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-sd"
 DEFAULT_PROMPT = "a big red circle"  # for the default model: words of its training captions
@@ -57,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = parser.add_argument_group("every model")
     common.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help="a minidiff model folder (made by python -m minidiff.convert or train.py)")
+                        help="a minidiff model folder (python -m minidiff.convert, train.py), a diffusers pipeline "
+                             "folder, an SD checkpoint file, or a hub id in the local Hugging Face cache")
     common.add_argument("--scheduler", choices=["ddpm", "ddim", "pndm"], help="default: the model's own scheduler")
     common.add_argument("--steps", type=int,
                         help="denoising steps (default: 50; all 1000 for a pixel model's DDPM scheduler)")
@@ -150,13 +148,13 @@ def pixel_guidance(args: argparse.Namespace, dtype: torch.dtype) -> LossGuidance
                          torch.Generator().manual_seed(args.seed), through_unet=args.guidance_through_unet)
 
 
-def sample_pixel(args: argparse.Namespace, dtype: torch.dtype):
+def sample_pixel(args: argparse.Namespace, model: Path, dtype: torch.dtype):
     """Pixel-space model -> (images in [-1, 1], settings); the loop is PixelPipeline.denoise."""
     if extra := given(args, TEXT_ONLY):
         raise ValueError(f"{args.model} is a pixel-space model: {', '.join(extra)} belong to Stable Diffusion models")
     if args.scheduler == "pndm":
         raise ValueError("--scheduler pndm is for Stable Diffusion models; pixel models take ddpm or ddim")
-    pipe = load_pixel_pipeline(args.model, args.scheduler, dtype, args.device)
+    pipe = PixelPipeline(**load_pipeline(model, dtype, scheduler=args.scheduler, device=args.device)[1])
     guidance = pixel_guidance(args, dtype)
     labels = None if args.class_label is None else [c for c in args.class_label for _ in range(args.num_images)]
     generator = torch.Generator().manual_seed(args.seed)
@@ -179,7 +177,7 @@ def sample_pixel(args: argparse.Namespace, dtype: torch.dtype):
     return x, steps, type(pipe.scheduler).__name__, settings
 
 
-def sample_text(args: argparse.Namespace, dtype: torch.dtype):
+def sample_text(args: argparse.Namespace, model: Path, dtype: torch.dtype):
     """Stable Diffusion model -> (images in [-1, 1], settings). StableDiffusion.prepare picks the mode from the
     images given (txt2img, img2img, inpaint); the loop is StableDiffusion.denoise."""
     if extra := given(args, PIXEL_ONLY + ("guidance_through_unet",)):
@@ -199,7 +197,7 @@ def sample_text(args: argparse.Namespace, dtype: torch.dtype):
                 images[name].load()
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"--{name.replace('_', '-')} {path}: cannot read it as an image ({e})") from None
-    sd = load_stable_diffusion(args.model, args.scheduler, dtype, args.device)
+    sd = StableDiffusion(**load_pipeline(model, dtype, scheduler=args.scheduler, device=args.device)[1])
     guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
@@ -225,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.model == DEFAULT_MODEL and not DEFAULT_MODEL.exists():
             raise ValueError(f"no --model given and the default {DEFAULT_MODEL} is not there: pass --model DIR "
                              "(e.g. --model weights/digits --class-label 7)")
-        kind = read_config(args.model)["kind"]
+        model = resolve(args.model)  # a path, or a hub id in the Hugging Face cache
+        kind = pipeline_kind(model)
         if kind not in ("pixel", "stable-diffusion"):
             raise ValueError(f"{args.model} holds a {kind!r} model, which does not generate images")
         start = time.perf_counter()
         sample = sample_pixel if kind == "pixel" else sample_text
-        x, steps, scheduler, settings = sample(args, DTYPES[args.dtype])
+        x, steps, scheduler, settings = sample(args, model, DTYPES[args.dtype])
     except (ValueError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

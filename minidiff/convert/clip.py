@@ -16,16 +16,10 @@ from pathlib import Path
 import torch
 
 from minidiff.config import to_json_dict
-from minidiff.convert.keymaps.clip import clip_from_open_clip, clip_from_transformers
-from minidiff.convert.sources import (
-    TRANSFORMERS_WEIGHTS,
-    ConversionError,
-    find_weights,
-    read_json,
-    read_state_dict,
-    read_tokenizer,
-)
-from minidiff.loading.model_folder import save_model_folder
+from minidiff.convert.components import CONFIG_READERS, read_component, transformers_clip_class
+from minidiff.convert.keymaps.clip import clip_from_open_clip
+from minidiff.convert.sources import ConversionError, Converted, read_json, read_state_dict, read_tokenizer
+from minidiff.loading.model_folder import ModelFolder, Vocabulary
 from minidiff.models import clip
 from minidiff.models.tokenizer import EOS
 
@@ -47,62 +41,40 @@ CLIP_CONFIGS = {
         projection_dim=768, logit_scale_init_value=2.6592,
     ),
 }
-# transformers class -> how to read its config.json
-CONFIG_READERS = {
-    "CLIPModel": clip.CLIPConfig.from_dict,
-    "CLIPTextModel": clip.CLIPTextConfig.from_dict,
-    "CLIPTextModelWithProjection": clip.CLIPTextConfig.from_dict,
-    "CLIPVisionModel": clip.CLIPVisionConfig.from_dict,
-    "CLIPVisionModelWithProjection": clip.CLIPVisionConfig.from_dict,
-}
 
 
-def transformers_clip_class(config_json: dict) -> str | None:
-    """The CLIP class a transformers config.json names (its first architecture), or None if it is not one."""
-    architectures = config_json.get("architectures") or [None]
-    return architectures[0] if architectures[0] in CONFIG_READERS else None
-
-
-def _save(src: Path, dst: Path, class_name: str, config, state_dict: dict[str, torch.Tensor], tokenizer: dict | None,
-          files: dict[str, str], dtype: torch.dtype | None, source: str) -> str:
+def _converted(class_name: str, config, state_dict: dict[str, torch.Tensor], tokenizer: dict | None,
+               vocabulary: Vocabulary | None, source: str, location: str) -> Converted:
     folder_config = {"kind": "clip", "source": source, "clip": {"class": class_name, "config": to_json_dict(config)}}
     if tokenizer is not None:
         folder_config["tokenizer"] = tokenizer
-    save_model_folder(dst, folder_config, {"clip": state_dict}, dtype, files)
     n = sum(t.numel() for t in state_dict.values())
     pad = f", tokenizer pads with {tokenizer['pad_token']!r}" if tokenizer else ""
-    return f"converted {src} -> {dst}: {class_name}, {n / 1e6:.1f}M parameters{pad}"
+    return Converted(ModelFolder(folder_config, {"clip": state_dict}, vocabulary, location),
+                     f"{class_name}, {n / 1e6:.1f}M parameters{pad}")
 
 
-def convert_clip_folder(src: Path, dst: Path, dtype: torch.dtype | None) -> str:
-    """Convert a transformers CLIP folder; returns a summary for the user."""
+def read_clip_folder(src: Path, variant: str | None = None) -> Converted:
+    """A transformers CLIP folder, converted in memory."""
     config_json = read_json(src / "config.json")
     class_name = transformers_clip_class(config_json)
     if class_name is None:
         raise ConversionError(f"{src}/config.json: architectures {config_json.get('architectures')} name no CLIP "
                               f"class minidiff implements ({', '.join(CONFIG_READERS)})")
-    try:
-        config = CONFIG_READERS[class_name](config_json)
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{src}/config.json: {e}") from None
-    weights = find_weights(src, TRANSFORMERS_WEIGHTS)
-    try:
-        state_dict = clip_from_transformers(read_state_dict(weights), getattr(clip, class_name), config)
-    except ValueError as e:
-        raise ConversionError(f"{weights}: {e}") from None
-    tokenizer, files = None, {}
-    text_config = config.text_config if isinstance(config, clip.CLIPConfig) else config
+    model = read_component(src, class_name, variant)
+    tokenizer, vocabulary = None, None
+    text_config = model.config.text_config if isinstance(model.config, clip.CLIPConfig) else model.config
     if isinstance(text_config, clip.CLIPTextConfig):
         positions = text_config.max_position_embeddings
         if (src / "vocab.json").is_file() or (src / "tokenizer.json").is_file():
-            tokenizer, files = read_tokenizer(src, positions)
+            tokenizer, vocabulary = read_tokenizer(src, positions)
         else:  # transformers' CLIP tokenizers pad with EOS
             tokenizer = {"pad_token": EOS, "model_max_length": positions}
-    return _save(src, dst, class_name, config, state_dict, tokenizer, files, dtype, str(src.resolve()))
+    return _converted(class_name, model.config, model.state_dict, tokenizer, vocabulary, str(src.resolve()), str(src))
 
 
-def convert_open_clip(path: Path, dst: Path, architecture: str, dtype: torch.dtype | None) -> str:
-    """Convert an open_clip / OpenAI CLIP state dict file, with the config CLIP_CONFIGS[architecture]."""
+def read_open_clip(path: Path, architecture: str) -> Converted:
+    """An open_clip / OpenAI CLIP state dict file with the config CLIP_CONFIGS[architecture], converted in memory."""
     config = clip.CLIPConfig.from_dict(CLIP_CONFIGS[architecture])
     try:
         state_dict = clip_from_open_clip(read_state_dict(path), config)
@@ -111,4 +83,4 @@ def convert_open_clip(path: Path, dst: Path, architecture: str, dtype: torch.dty
     # open_clip's and OpenAI's tokenize() pad with zeros: token "!"
     tokenizer = {"pad_token": "!", "model_max_length": config.text_config.max_position_embeddings}
     source = f"{path.resolve()} (open_clip / OpenAI state dict, architecture {architecture})"
-    return _save(path, dst, "CLIPModel", config, state_dict, tokenizer, {}, dtype, source)
+    return _converted("CLIPModel", config, state_dict, tokenizer, None, source, str(path))

@@ -28,29 +28,27 @@ from pathlib import Path
 import torch
 
 from minidiff.config import to_json_dict
-from minidiff.convert.keymaps.clip import SD1_PREFIX, SD2_PREFIX, clip_from_transformers, text_encoder_from_sd
+from minidiff.convert.components import read_component
+from minidiff.convert.keymaps.clip import SD1_PREFIX, SD2_PREFIX, text_encoder_from_sd
 from minidiff.convert.keymaps.sd_unet import (
     LDM_BUFFERS,
     LDM_UNET_PREFIX,
     ldm_unet_config,
     ldm_unet_source_keys,
-    unet_condition_from_diffusers,
     unet_condition_from_ldm,
 )
-from minidiff.convert.keymaps.vae import vae_from_diffusers, vae_from_ldm
+from minidiff.convert.keymaps.vae import vae_from_ldm
 from minidiff.convert.sources import (
-    DIFFUSERS_WEIGHTS,
-    TRANSFORMERS_WEIGHTS,
     ConversionError,
-    find_weights,
+    Converted,
     read_checkpoint,
     read_json,
-    read_state_dict,
     read_tokenizer,
+    with_source,
 )
-from minidiff.loading.model_folder import save_model_folder
+from minidiff.loading.model_folder import ModelFolder, Vocabulary
 from minidiff.loading.strict import key_listing
-from minidiff.models.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.models.clip import CLIPTextConfig
 from minidiff.models.unet_condition import UNet2DConditionConfig
 from minidiff.models.vae import AutoencoderKLConfig
 from minidiff.schedulers import SCHEDULERS
@@ -124,14 +122,6 @@ PIPELINE_COMPONENTS = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL
 IGNORED_COMPONENTS = ("safety_checker", "feature_extractor")  # diffusers pipeline parts minidiff does not use
 
 
-def with_source(where: str, convert, *args):
-    """Run a key map or config reader; its ValueError becomes a ConversionError that names `where`."""
-    try:
-        return convert(*args)
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{where}: {e}") from None
-
-
 def _sd_config(source: str, unet: UNet2DConditionConfig, vae: AutoencoderKLConfig, text: CLIPTextConfig,
                tokenizer: dict, scheduler: dict) -> dict:
     return {
@@ -145,10 +135,12 @@ def _sd_config(source: str, unet: UNet2DConditionConfig, vae: AutoencoderKLConfi
     }
 
 
-def _summary(src: Path, dst: Path, components: dict[str, dict[str, torch.Tensor]], notes: list[str]) -> str:
+def _converted(config: dict, components: dict[str, dict[str, torch.Tensor]], vocabulary: Vocabulary | None,
+               location: str, notes: list[str]) -> Converted:
     sizes = ", ".join(f"{name} {sum(t.numel() for t in tensors.values()) / 1e6:.1f}M"
                       for name, tensors in components.items())
-    return f"converted {src} -> {dst}: Stable Diffusion ({sizes} parameters)" + "".join(f"\n  {n}" for n in notes)
+    return Converted(ModelFolder(config, components, vocabulary, location), f"Stable Diffusion ({sizes} parameters)",
+                     notes)
 
 
 # ---- 1. diffusers pipeline folders ---------------------------------------------------------------------------
@@ -159,8 +151,9 @@ def is_sd_pipeline(index: dict) -> bool:
     return "text_encoder" in index or "vae" in index
 
 
-def convert_sd_pipeline(src: Path, dst: Path, dtype: torch.dtype | None) -> str:
-    """Convert a diffusers Stable Diffusion pipeline folder; returns a summary for the user."""
+def read_sd_pipeline(src: Path, variant: str | None = None) -> Converted:
+    """A diffusers Stable Diffusion pipeline folder, converted in memory; `variant` picks e.g. the ".fp16."
+    weights files."""
     index = read_json(src / "model_index.json")
     for name, value in index.items():  # {"unet": ["diffusers", "UNet2DConditionModel"], "_class_name": ..., ...}
         if name.startswith("_") or not isinstance(value, list) or value[-1] is None or name in IGNORED_COMPONENTS:
@@ -175,29 +168,21 @@ def convert_sd_pipeline(src: Path, dst: Path, dtype: torch.dtype | None) -> str:
     if missing:
         raise ConversionError(f"{src}: no {', '.join(missing)} folder: not a whole Stable Diffusion pipeline")
 
-    def load(name: str, read_config, names: tuple[str, ...]) -> tuple[object, dict[str, torch.Tensor], Path]:
-        config = with_source(f"{src}/{name}/config.json", read_config, read_json(src / name / "config.json"))
-        weights = find_weights(src / name, names)
-        return config, read_state_dict(weights), weights
-
-    unet_config, unet, unet_file = load("unet", UNet2DConditionConfig.from_dict, DIFFUSERS_WEIGHTS)
-    vae_config, vae, vae_file = load("vae", AutoencoderKLConfig.from_dict, DIFFUSERS_WEIGHTS)
-    text_config, text, text_file = load("text_encoder", CLIPTextConfig.from_dict, TRANSFORMERS_WEIGHTS)
-    components = {
-        "unet": with_source(str(unet_file), unet_condition_from_diffusers, unet, unet_config),
-        "vae": with_source(str(vae_file), vae_from_diffusers, vae, vae_config),
-        "text_encoder": with_source(str(text_file), clip_from_transformers, text, CLIPTextModel, text_config),
-    }
-    tokenizer, files = read_tokenizer(src / "tokenizer", text_config.max_position_embeddings)
+    parts = {name: read_component(src / name, PIPELINE_COMPONENTS[name][0], variant)
+             for name in ("unet", "vae", "text_encoder")}
+    text_config = parts["text_encoder"].config
+    tokenizer, vocabulary = read_tokenizer(src / "tokenizer", text_config.max_position_embeddings)
     scheduler = read_json(src / "scheduler" / "scheduler_config.json")
-    config = _sd_config(str(src.resolve()), unet_config, vae_config, text_config, tokenizer, scheduler)
-    save_model_folder(dst, config, components, dtype, files)
-    vocabulary = "its own vocabulary (copied)" if files else "CLIP's vocabulary"
-    notes = [f"scheduler {scheduler.get('_class_name')}; tokenizer pads with {tokenizer['pad_token']!r}, {vocabulary}"]
+    config = _sd_config(str(src.resolve()), parts["unet"].config, parts["vae"].config, text_config, tokenizer,
+                        scheduler)
+    vocabulary_note = "its own vocabulary (copied)" if vocabulary else "CLIP's vocabulary"
+    notes = [f"scheduler {scheduler.get('_class_name')}; tokenizer pads with {tokenizer['pad_token']!r}, "
+             f"{vocabulary_note}"]
     if scheduler.get("_class_name") not in {cls.__name__ for cls in SCHEDULERS.values()}:
         notes.append(f"minidiff has no {scheduler.get('_class_name')}: load with scheduler= one of "
                      f"{', '.join(SCHEDULERS)} (the folder's noise schedule is kept)")
-    return _summary(src, dst, components, notes)
+    components = {name: part.state_dict for name, part in parts.items()}
+    return _converted(config, components, vocabulary, str(src), notes)
 
 
 # ---- 2. original single-file checkpoints ---------------------------------------------------------------------
@@ -267,26 +252,23 @@ def single_file_components(
     return _sd_config("", unet_config, vae_config, text_config, dict(known["tokenizer"]), scheduler), components
 
 
-def convert_single_file(
+def read_single_file(
     path: Path,
-    dst: Path,
-    dtype: torch.dtype | None,
     prediction_type: str | None = None,
     image_size: int | None = None,
     upcast_attention: bool | None = None,
     use_ema: bool = False,
-) -> str:
-    """Convert an original single-file SD checkpoint (.safetensors, or a .ckpt read weights-only); returns a
-    summary for the user that says which model the weights were taken to be and what was assumed."""
+) -> Converted:
+    """An original single-file SD checkpoint (.safetensors, or a .ckpt read weights-only), converted in memory;
+    the notes say which model the weights were taken to be and what was assumed."""
     if image_size is not None and (image_size <= 0 or image_size % 8):
         raise ConversionError(f"--image-size {image_size}: must be a positive multiple of 8 (512, 768)")
     checkpoint, others = read_checkpoint(path)
     model_type = with_source(str(path), detect_model_type, checkpoint, others.get("global_step"))
     config, components = with_source(str(path), single_file_components, checkpoint, model_type, prediction_type,
-                                  image_size, upcast_attention, use_ema)
+                                     image_size, upcast_attention, use_ema)
     hub = SD_CONFIGS[model_type]["hub"]
     config["source"] = f"{path.resolve()} (original single-file checkpoint; configs of {hub})"
-    save_model_folder(dst, config, components, dtype)
 
     unet = config["unet"]["config"]
     notes = [f"detected {model_type!r} from the weights, so the configs of {hub}: "
@@ -298,4 +280,4 @@ def convert_single_file(
     has_ema = any(k.startswith("model_ema.") and k not in LDM_BUFFERS for k in checkpoint)
     if has_ema:
         notes.append("UNet: the EMA weights" if use_ema else "the file also holds EMA weights: pass --ema to use them")
-    return _summary(path, dst, components, notes)
+    return _converted(config, components, None, str(path), notes)

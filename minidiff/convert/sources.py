@@ -1,4 +1,5 @@
-"""Reading what a user brings to `python -m minidiff.convert`: JSON configs and weight files.
+"""Reading what a user brings to `python -m minidiff.convert` or from_pretrained: JSON configs and weight files,
+and what every converter returns: the minidiff model folder it makes, in memory (Converted).
 
 Nothing here runs code from a file. A .safetensors file is parsed and memory-mapped by minidiff/loading/safetensors.py;
 a pickle (.bin, .ckpt, .pt) is read with torch.load(weights_only=True), which rebuilds tensors and plain
@@ -12,24 +13,40 @@ import json
 import pickle
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from minidiff.loading.model_folder import ModelFolder, Vocabulary
 from minidiff.loading.safetensors import SafetensorsError, load_file
 from minidiff.models.tokenizer import load_clip_bpe, read_tokenizer_folder
 
-# The weights file of a diffusers model folder and of a transformers one, in order of preference: full precision
-# before the ".fp16." variant, safetensors before pickles.
-DIFFUSERS_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
-)  # fmt: skip
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+# The weights file of a diffusers model folder and of a transformers one, safetensors before pickles.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 class ConversionError(ValueError):
     """A source minidiff cannot convert; the message names the file and what to do."""
+
+
+@dataclass
+class Converted:
+    """A source converted in memory: the minidiff model folder it makes (written by `python -m minidiff.convert`,
+    built straight into modules by from_pretrained) and what the command line reports about it."""
+
+    folder: ModelFolder
+    summary: str  # what it is, e.g. "UNet2DModel, 35.7M parameters, 276 tensors"
+    notes: list[str] = field(default_factory=list)  # one line each: what was read or assumed
+
+
+def with_source(where: str, convert, *args):
+    """Run a key map or config reader; its ValueError becomes a ConversionError that names `where`."""
+    try:
+        return convert(*args)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def read_json(path: Path) -> dict:
@@ -93,18 +110,31 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)[0]
 
 
-def find_weights(folder: Path, names: tuple[str, ...] = DIFFUSERS_WEIGHTS) -> Path:
+def with_variant(name: str, variant: str) -> str:
+    """diffusers' and transformers' variant file names: model.safetensors -> model.fp16.safetensors."""
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def find_weights(folder: Path, names: tuple[str, ...] = DIFFUSERS_WEIGHTS, variant: str | None = None) -> Path:
+    """The weights file of a model folder: the first of `names` there. With a variant (e.g. "fp16"), only the
+    files of that variant, as variant= picks them in diffusers and transformers; without one, the ".fp16." files
+    that hub repos also carry are taken when the full-precision ones are missing."""
+    if variant is None:
+        names = (*names, *(with_variant(name, "fp16") for name in names))
+    else:
+        names = tuple(with_variant(name, variant) for name in names)
     for name in names:
         if (folder / name).is_file():
             return folder / name
     raise ConversionError(f"{folder}: no weights file (looked for {', '.join(names)})")
 
 
-def read_tokenizer(folder: Path, max_positions: int) -> tuple[dict, dict[str, str]]:
+def read_tokenizer(folder: Path, max_positions: int) -> tuple[dict, Vocabulary | None]:
     """A hub tokenizer folder -> the tokenizer section of a minidiff config.json ({"pad_token",
-    "model_max_length"}, plus "added_tokens" if any) and the files to ship with the model: tokenizer/vocab.json
-    and tokenizer/merges.txt, only if they differ from CLIP's own (minidiff/models/assets). The length is capped at the
-    text encoder's max_positions (transformers writes a huge placeholder when no length was set)."""
+    "model_max_length"}, plus "added_tokens" if any) and its vocabulary, None if it is CLIP's own
+    (minidiff/models/assets), which a model folder does not copy. The length is capped at the text encoder's
+    max_positions (transformers writes a huge placeholder when no length was set)."""
     try:
         files = read_tokenizer_folder(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -114,8 +144,5 @@ def read_tokenizer(folder: Path, max_positions: int) -> tuple[dict, dict[str, st
     section = {"pad_token": files.pad_token, "model_max_length": min(files.model_max_length or 77, max_positions)}
     if files.added_tokens:
         section["added_tokens"] = files.added_tokens
-    if (files.vocab, files.merges) == load_clip_bpe():
-        return section, {}
-    vocab = json.dumps(files.vocab, ensure_ascii=False)
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in files.merges)  # the hub's merges.txt layout
-    return section, {"tokenizer/vocab.json": vocab, "tokenizer/merges.txt": merges}
+    vocabulary = files.vocab, files.merges
+    return section, None if vocabulary == load_clip_bpe() else vocabulary

@@ -8,13 +8,19 @@
 config.json is human-readable. It says what kind of model the folder holds and gives each component's class
 and config, under diffusers' / transformers' field names:
 
-    {"minidiff_version": ..., "kind": "pixel" | "stable-diffusion" | "clip", "source": "where it came from",
+    {"minidiff_version": ..., "kind": "pixel" | "stable-diffusion" | "clip" | "vae" | "model", "source": "...",
      "unet": {"class": "UNet2DModel", "config": {...}},          one section per .safetensors file
      "tokenizer": {"pad_token": "!", "model_max_length": 77},    Stable Diffusion and CLIP (text) only
      "scheduler": {...}}                                         a diffusers scheduler_config.json as it is
 
+("model": one lone model, saved by save_model, in a "model" section.) The same contents can live in memory, as a
+ModelFolder: the converters (minidiff/convert) make one from a diffusers folder or a checkpoint, and every
+loader here builds modules from a ModelFolder, whether open_model_folder read it from disk or a converter made it.
+
 Weights load memory-mapped, straight into a module built on the meta device (no random init first, no copy
-unless a dtype change asks for one), and strictly: every key and shape must fit.
+unless a dtype change asks for one), and strictly: every key and shape must fit. Modules come back in eval()
+mode with requires_grad on, as diffusers' from_pretrained gives them: code that trains part of a model freezes
+the rest itself.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,11 +72,62 @@ MODEL_CLASSES = {
     "CLIPModel": (CLIPModel, CLIPConfig.from_dict),
 }
 CLIP_CLASSES = tuple(name for name in MODEL_CLASSES if name.startswith("CLIP"))
+# The components of each kind of pipeline folder, and the classes each may be.
+PIPELINE_CLASSES = {
+    "pixel": {"unet": ("UNet2DModel", "ClassConditionedUNet")},
+    "stable-diffusion": {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
+                         "text_encoder": ("CLIPTextModel",)},
+}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Vocabulary = tuple[dict[str, int], list[tuple[str, str]]]  # (token -> id, merges in rank order), as load_clip_bpe
 
 
 class ModelFolderError(ValueError):
     """A folder that is not a minidiff model, or not the kind asked for; the message says what to do."""
+
+
+@dataclass
+class ModelFolder:
+    """What a model folder holds, read from disk (open_model_folder) or made in memory (minidiff/convert)."""
+
+    config: dict  # config.json: kind, source, one section per component, tokenizer, scheduler
+    components: Mapping[str, Mapping[str, torch.Tensor]]  # {component: state dict in minidiff's layout}
+    vocabulary: Vocabulary | None = None  # the tokenizer's, if not CLIP's own (tokenizer/ on disk)
+    location: str = ""  # the folder, or the source it was converted from: for messages
+
+    def weights_name(self, name: str) -> str:
+        """Where component `name`'s weights are, for messages."""
+        on_disk = isinstance(self.components, WeightFiles)
+        return f"{self.location}/{name}.safetensors" if on_disk else f"{self.location} ({name})"
+
+
+class WeightFiles(Mapping):
+    """{component: state dict} of a folder on disk: <name>.safetensors, memory-mapped when first asked for."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path, self.names = path, names
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.names:
+            raise KeyError(name)
+        weights = self.path / f"{name}.safetensors"
+        if not weights.is_file():
+            raise ModelFolderError(f"{weights} is missing (config.json has a {name} section)")
+        return load_file(weights)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def component_names(config: dict) -> list[str]:
+    """The sections of a config.json that describe a module (those with a "class")."""
+    return [name for name, section in config.items() if isinstance(section, dict) and "class" in section]
 
 
 def save_model_folder(
@@ -105,6 +163,16 @@ def save_model_folder(
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def vocabulary_files(vocabulary: Vocabulary | None) -> dict[str, str]:
+    """A tokenizer vocabulary as the files of a model folder (the hub's vocab.json and merges.txt layout);
+    none for CLIP's own (None), which minidiff ships."""
+    if vocabulary is None:
+        return {}
+    vocab, merges = vocabulary
+    return {"tokenizer/vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "tokenizer/merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)}
+
+
 def save_pixel_model(
     path: str | os.PathLike,
     unet: nn.Module | dict[str, torch.Tensor],
@@ -125,6 +193,16 @@ def save_pixel_model(
     save_model_folder(path, config, {"unet": state_dict}, dtype)
 
 
+def save_model(model: nn.Module, path: str | os.PathLike, source: str = "") -> None:
+    """Write one model (any class of MODEL_CLASSES) as a "kind": "model" folder at `path` (which must not exist
+    yet): config.json with a single "model" section, and model.safetensors."""
+    name = type(model).__name__
+    if name not in MODEL_CLASSES:
+        raise ModelFolderError(f"cannot save a {name}: a model folder holds one of {', '.join(MODEL_CLASSES)}")
+    config = {"kind": "model", "source": source, "model": {"class": name, "config": to_json_dict(model.config)}}
+    save_model_folder(path, config, {"model": model.state_dict()})
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The parsed config.json of a minidiff model folder, with a clear error if there is none."""
     path = Path(path)
@@ -143,86 +221,115 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_module(module: nn.Module, weights: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Fill `module` (built on the meta device) with the tensors of a .safetensors file, strictly."""
+def open_model_folder(path: str | os.PathLike) -> ModelFolder:
+    """A minidiff model folder on disk as a ModelFolder; each component's weights are read when asked for."""
+    path = Path(path)
+    config = read_config(path)
+    vocabulary = None
+    if (path / "tokenizer").is_dir():
+        files = read_tokenizer_folder(path / "tokenizer")
+        vocabulary = files.vocab, files.merges
+    return ModelFolder(config, WeightFiles(path, component_names(config)), vocabulary, str(path))
+
+
+def load_module(module: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str,
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Fill `module` (built on the meta device) with `state_dict`, strictly; the tensors become its parameters
+    (no copy unless `dtype` casts them). `where` names the weights in messages."""
     keep_freed_memory()  # the weights stay memory-mapped; see memory.py for why that matters to speed
-    state_dict = load_file(weights)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     try:
         check_state_dict(module, state_dict)
     except ValueError as e:
-        raise ModelFolderError(f"{weights}: {e}") from None
+        raise ModelFolderError(f"{where}: {e}") from None
     module.load_state_dict(state_dict, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    return module.eval()
 
 
-def load_component(path: Path, config: dict, name: str, classes: tuple[str, ...], dtype: torch.dtype | None = None,
+def build_module(section: dict, state_dict: Mapping[str, torch.Tensor], where: str,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """The module a config.json section ({"class": ..., "config": {...}}) describes, built on the meta device
+    and filled with `state_dict` (see load_module)."""
+    model_class, make_config = MODEL_CLASSES[section["class"]]
+    try:
+        config = make_config(section["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{where}: invalid {section['class']} config: {e}") from None
+    with torch.device("meta"):
+        module = model_class(config)
+    return load_module(module, state_dict, where, dtype)
+
+
+def load_component(folder: ModelFolder, name: str, classes: tuple[str, ...], dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu") -> nn.Module:
-    """Build the module that section `name` of a folder's config.json describes (its class must be one of
-    `classes`) on the meta device, and fill it with <name>.safetensors, strictly."""
-    section = config.get(name)
+    """The module of component `name` of a model folder (its class must be one of `classes`), filled strictly."""
+    section = folder.config.get(name)
     found = section.get("class") if isinstance(section, dict) else None
     if found not in classes:
-        raise ModelFolderError(f"{path}/config.json: the {name} section names class {found!r}, not one of "
-                               f"{', '.join(classes)}")
-    model_class, make_config = MODEL_CLASSES[found]
-    try:
-        component_config = make_config(section["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFolderError(f"{path}/config.json: invalid {name} config: {e}") from None
-    with torch.device("meta"):
-        module = model_class(component_config)
-    return load_module(module, path / f"{name}.safetensors", dtype).to(device)
+        raise ModelFolderError(f"{folder.location}/config.json: the {name} section names class {found!r}, not one "
+                               f"of {', '.join(classes)}")
+    return build_module(section, folder.components[name], folder.weights_name(name), dtype).to(device)
 
 
-def make_scheduler(path: Path, scheduler_config: dict, name: str | None, allowed: tuple[str, ...]) -> Scheduler:
-    """The scheduler `name` (one of `allowed`; None: the class scheduler_config names) built from the folder's
+def make_scheduler(where: str, scheduler_config: dict, name: str | None = None) -> Scheduler:
+    """The scheduler `name` (a key of SCHEDULERS; None: the class scheduler_config names) built from the folder's
     scheduler config, so that the noise schedule the model was trained with is kept."""
-    by_class = {SCHEDULERS[key].__name__: SCHEDULERS[key] for key in allowed}
-    class_name = SCHEDULERS[name].__name__ if name in allowed else name or scheduler_config.get("_class_name")
+    by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
+    class_name = SCHEDULERS[name].__name__ if name in SCHEDULERS else name or scheduler_config.get("_class_name")
     if class_name not in by_class:
-        raise ModelFolderError(f"{path}: scheduler {class_name!r} is not one of {', '.join(allowed)}: pass one of "
-                               "those (the folder's noise schedule is kept)")
+        raise ModelFolderError(f"{where}: scheduler {class_name!r} is not one of minidiff's ({', '.join(by_class)}): "
+                               f"pass scheduler= one of {', '.join(SCHEDULERS)} (the folder's noise schedule is kept)")
     return by_class[class_name].from_config(dict(scheduler_config))
 
 
-def read_kind(path: Path, kind: str, what: str) -> dict:
-    config = read_config(path)
-    if config["kind"] != kind:
-        raise ModelFolderError(f"{path} holds a {config['kind']!r} model, not {what}")
-    return config
+def folder_tokenizer(folder: ModelFolder) -> CLIPTokenizer:
+    """CLIP's tokenizer with the folder's pad token, length and added tokens; the folder's own vocabulary if it
+    brought one that differs from CLIP's, else CLIP's shipped one."""
+    section = folder.config["tokenizer"]
+    vocab, merges = folder.vocabulary or (None, None)
+    tokenizer = CLIPTokenizer(vocab, merges, section["pad_token"], section["model_max_length"])
+    added = section.get("added_tokens", [])
+    if tokenizer.add_tokens(added) != len(added):
+        raise ModelFolderError(f"{folder.location}/config.json: an added token is already in the vocabulary: {added}")
+    return tokenizer
+
+
+def pipeline_components(folder: ModelFolder, scheduler: str | None = None, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> dict:
+    """The parts of a pixel or Stable Diffusion folder, built: {"unet", "scheduler"} (pixel) or {"unet", "vae",
+    "text_encoder", "tokenizer", "scheduler"}. `scheduler` (a key of SCHEDULERS) overrides the folder's own
+    scheduler class, keeping its config (noise schedule, prediction type)."""
+    kind = folder.config["kind"]
+    if kind not in PIPELINE_CLASSES:
+        raise ModelFolderError(f"{folder.location} holds a {kind!r} model, not a pixel or Stable Diffusion pipeline")
+    parts = {name: load_component(folder, name, classes, dtype, device)
+             for name, classes in PIPELINE_CLASSES[kind].items()}
+    if kind == "stable-diffusion":
+        parts["tokenizer"] = folder_tokenizer(folder)
+    parts["scheduler"] = make_scheduler(folder.location, folder.config["scheduler"], scheduler)
+    return parts
+
+
+def read_kind(path: str | os.PathLike, kind: str, what: str) -> ModelFolder:
+    folder = open_model_folder(path)
+    if folder.config["kind"] != kind:
+        raise ModelFolderError(f"{path} holds a {folder.config['kind']!r} model, not {what}")
+    return folder
 
 
 def load_pixel_pipeline(path: str | os.PathLike, scheduler: str | None = None, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu") -> PixelPipeline:
-    """Load a pixel-space model folder as a PixelPipeline. `scheduler` ("ddpm" or "ddim") overrides the
-    folder's own scheduler class, keeping its config (the noise schedule the model was trained with)."""
-    path = Path(path)
-    config = read_kind(path, "pixel", "a pixel-space DDPM")
-    unet = load_component(path, config, "unet", ("UNet2DModel", "ClassConditionedUNet"), dtype, device)
-    return PixelPipeline(unet, make_scheduler(path, config["scheduler"], scheduler, ("ddpm", "ddim")))
+    """Load a pixel-space model folder as a PixelPipeline. `scheduler` ("ddpm", "ddim", ...: a key of SCHEDULERS)
+    overrides the folder's own scheduler class, keeping its config (the noise schedule the model was trained with)."""
+    folder = read_kind(path, "pixel", "a pixel-space DDPM")
+    return PixelPipeline(**pipeline_components(folder, scheduler, dtype, device))
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
              ) -> AutoencoderKL:
     """Load a VAE model folder ("kind": "vae", written by train.py vae)."""
-    path = Path(path)
-    return load_component(path, read_kind(path, "vae", "a VAE"), "vae", ("AutoencoderKL",), dtype, device)
-
-
-def load_tokenizer(path: Path, section: dict) -> CLIPTokenizer:
-    """CLIP's tokenizer with the folder's pad token, length and added tokens; the vocabulary from the folder's
-    tokenizer/ if the model brought one that differs from CLIP's own, else CLIP's shipped one."""
-    vocab, merges = None, None  # CLIP's own
-    if (path / "tokenizer").is_dir():
-        files = read_tokenizer_folder(path / "tokenizer")
-        vocab, merges = files.vocab, files.merges
-    tokenizer = CLIPTokenizer(vocab, merges, section["pad_token"], section["model_max_length"])
-    added = section.get("added_tokens", [])
-    if tokenizer.add_tokens(added) != len(added):
-        raise ModelFolderError(f"{path}/config.json: an added token is already in the vocabulary: {added}")
-    return tokenizer
+    return load_component(read_kind(path, "vae", "a VAE"), "vae", ("AutoencoderKL",), dtype, device)
 
 
 def scheduler_json(scheduler: Scheduler) -> dict:
@@ -243,16 +350,13 @@ def save_stable_diffusion(path: str | os.PathLike, sd: StableDiffusion, source: 
     section = {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.model_max_length}
     if tokenizer.added_tokens:
         section["added_tokens"] = sorted(tokenizer.added_tokens, key=tokenizer.added_tokens.get)
-    files = {}
-    vocab, merges = load_clip_bpe()
-    if tokenizer.encoder != vocab or list(tokenizer.bpe_ranks) != merges:
-        files["tokenizer/vocab.json"] = json.dumps(tokenizer.encoder, ensure_ascii=False)
-        files["tokenizer/merges.txt"] = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.bpe_ranks)
+    vocabulary = tokenizer.encoder, list(tokenizer.bpe_ranks)
     modules = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
     config = {"kind": "stable-diffusion", "source": source,
               **{name: {"class": type(m).__name__, "config": to_json_dict(m.config)} for name, m in modules.items()},
               "tokenizer": section,
               "scheduler": scheduler_config or scheduler_json(sd.scheduler)}
+    files = vocabulary_files(None if vocabulary == load_clip_bpe() else vocabulary)
     save_model_folder(path, config, {name: m.state_dict() for name, m in modules.items()}, dtype, files)
 
 
@@ -263,17 +367,10 @@ def load_stable_diffusion(
     device: torch.device | str = "cpu",
 ) -> StableDiffusion:
     """Load a Stable Diffusion model folder (python -m minidiff.convert makes one from a diffusers pipeline or an
-    original single-file checkpoint). `scheduler` ("ddim", "ddpm" or "pndm") overrides the folder's own
-    scheduler class, keeping its config (noise schedule, prediction type)."""
-    path = Path(path)
-    config = read_kind(path, "stable-diffusion", "Stable Diffusion")
-    return StableDiffusion(
-        unet=load_component(path, config, "unet", ("UNet2DConditionModel",), dtype, device),
-        vae=load_component(path, config, "vae", ("AutoencoderKL",), dtype, device),
-        text_encoder=load_component(path, config, "text_encoder", ("CLIPTextModel",), dtype, device),
-        tokenizer=load_tokenizer(path, config["tokenizer"]),
-        scheduler=make_scheduler(path, config["scheduler"], scheduler, ("ddim", "ddpm", "pndm")),
-    )
+    original single-file checkpoint). `scheduler` ("ddim", "ddpm", "pndm", ...: a key of SCHEDULERS) overrides the
+    folder's own scheduler class, keeping its config (noise schedule, prediction type)."""
+    folder = read_kind(path, "stable-diffusion", "Stable Diffusion")
+    return StableDiffusion(**pipeline_components(folder, scheduler, dtype, device))
 
 
 def load_clip(
@@ -281,7 +378,6 @@ def load_clip(
 ) -> tuple[nn.Module, CLIPTokenizer | None]:
     """Load a CLIP model folder: (CLIPModel, CLIPTextModel(WithProjection) or CLIPVisionModel(WithProjection),
     its tokenizer; None for a vision-only model)."""
-    path = Path(path)
-    config = read_kind(path, "clip", "a CLIP model")
-    model = load_component(path, config, "clip", CLIP_CLASSES, dtype, device)
-    return model, load_tokenizer(path, config["tokenizer"]) if "tokenizer" in config else None
+    folder = read_kind(path, "clip", "a CLIP model")
+    model = load_component(folder, "clip", CLIP_CLASSES, dtype, device)
+    return model, folder_tokenizer(folder) if "tokenizer" in folder.config else None

@@ -73,8 +73,11 @@ class SDModel:
 
 
 def load_sd_model(path: str | Path, device: torch.device | str = "cpu") -> SDModel:
-    """A Stable Diffusion model folder to fine-tune, in float32 (a ModelFolderError if it is not one)."""
+    """A Stable Diffusion model folder to fine-tune, in float32 (a ModelFolderError if it is not one), all frozen:
+    each mode unfreezes what it trains (Dreambooth the UNet and maybe the text encoder; textual inversion none)."""
     sd = load_stable_diffusion(path, dtype=torch.float32, device=device)
+    for module in (sd.unet, sd.vae, sd.text_encoder):
+        module.requires_grad_(False)
     return SDModel(sd, read_config(path)["scheduler"], f"fine-tuned from {Path(path).resolve()}")
 
 

@@ -4,7 +4,9 @@ strictly (see minidiff/loading/strict.py).
 minidiff's CLIP modules carry transformers' names, so a transformers state dict loads by identity once two
 things are handled: the `text_model.` / `vision_model.` prefix (hub files of CLIPTextModel and CLIPVisionModel
 carry it; transformers 5 in-memory models, flattened, do not; the *WithProjection classes and CLIPModel keep it)
-and the `position_ids` buffers (constants, dropped by name).
+and the `position_ids` buffers (constants, dropped by name). A tower class also loads from a bigger model's
+weights, as in transformers (CLIPTextModel.from_pretrained("openai/clip-vit-large-patch14") takes a CLIPModel's
+text tower): clip_tower.
 
 open_clip and OpenAI CLIP name things differently and store two things in another layout:
 
@@ -106,6 +108,35 @@ def clip_from_transformers(
     prefix = _TRANSFORMERS_PREFIX[model_class]
     converted = rename_keys(_without(state_dict, _POSITION_IDS), lambda key: key.removeprefix(prefix))
     return checked_against(model_class, config, converted)
+
+
+# The bigger CLIP models whose weights hold each tower class's
+TOWER_SOURCES = {
+    CLIPTextModel: (CLIPTextModelWithProjection, CLIPModel), CLIPTextModelWithProjection: (CLIPModel,),
+    CLIPVisionModel: (CLIPVisionModelWithProjection, CLIPModel), CLIPVisionModelWithProjection: (CLIPModel,),
+}  # fmt: skip
+_TOWERS = (("text_model.", "text_projection.weight"), ("vision_model.", "visual_projection.weight"))  # in CLIPModel
+
+
+def clip_tower(
+    state_dict: Mapping[str, torch.Tensor],
+    source_class: type[nn.Module],
+    target_class: type[nn.Module],
+    config: CLIPTextConfig | CLIPVisionConfig,
+) -> dict[str, torch.Tensor]:
+    """A bigger CLIP model's minidiff state dict (one of TOWER_SOURCES[target_class]) -> the keys of
+    `target_class`, whose `config` is its tower's. The tower is taken (a CLIPModel keeps it under text_model. /
+    vision_model.) and the rest dropped by name: the other tower, a projection the target lacks, logit_scale."""
+    if source_class not in TOWER_SOURCES.get(target_class, ()):
+        raise ValueError(f"a {target_class.__name__} is not part of a {source_class.__name__}")
+    text = issubclass(target_class, CLIPTextModel)
+    (tower, projection), (other, other_projection) = _TOWERS if text else _TOWERS[::-1]
+    keeps_projection = target_class in (CLIPTextModelWithProjection, CLIPVisionModelWithProjection)
+    dropped = set() if keeps_projection else {projection}
+    if source_class is CLIPModel:
+        dropped |= {k for k in state_dict if k.startswith(other)} | {other_projection, "logit_scale"}
+    picked = rename_keys(_without(state_dict, dropped), lambda key: key.removeprefix(tower))
+    return checked_against(target_class, config, picked)
 
 
 def _open_clip_key(key: str) -> str:
