@@ -191,7 +191,7 @@ UNIT2 = Plan(
 
 
 def digits(side):
-    """Unit 2 notebook 2 cell 3's outputs: 6 seeded (1, 28, 28) digits with labels, in a DataLoader of 8."""
+    """Unit 2 notebook 2 cell 3's outputs: 6 seeded 8 px digits (MNIST's are 28 px), labelled, 8 to a batch."""
     namespace = side.namespace
     namespace["dataset"] = stand_ins.digits()
     namespace["train_dataloader"] = torch.utils.data.DataLoader(namespace["dataset"], batch_size=8, shuffle=True)
@@ -211,6 +211,9 @@ CLASS_CONDITIONED = Plan(
                            "of 80 at this size, 1000 calls in cell 7)",
                            ("block_out_channels=(32, 64, 64)", "block_out_channels=(32, 32, 32)"),
                            ("layers_per_block=2", "layers_per_block=1")),
+                5: smaller("1000 timesteps -> 100 (cell 7 samples over all of them, ~50 ms a step on each side)",
+                           ("num_train_timesteps=1000", "num_train_timesteps=100")),
+                6: smaller("timesteps up to 999 -> up to 99 (cell 5's 100)", ("randint(0, 999,", "randint(0, 99,")),
                 7: smaller("80 digits of 28 px (8 of each class) -> 10 of 8 px (1 of each)",
                            ("torch.randn(80, 1, 28, 28)", "torch.randn(10, 1, 8, 8)"), ("[i]*8", "[i]*1"))},
     hooks={3: [digits]},
@@ -220,13 +223,35 @@ CLASS_CONDITIONED = Plan(
 
 # unit 3 ------------------------------------------------------------------------------------------------------
 
+def encode_prompt_of_diffusers_0_10(side):
+    """Unit 3 (written for diffusers 0.10) calls pipe._encode_prompt(prompt, device, 1, False, '') and gets the
+    prompt's embeddings. diffusers 0.42 keeps _encode_prompt as a deprecated wrapper of encode_prompt that
+    concatenates [negative, positive] even when do_classifier_free_guidance is False, where the negative is None
+    (TypeError). On the reference side the wrapper gets back its 0.10 result: the positive alone without CFG."""
+    pipe = side.namespace["pipe"]
+
+    def _encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None):
+        positive, negative = pipe.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                                negative_prompt)
+        return torch.cat([negative, positive]) if do_classifier_free_guidance else positive
+
+    pipe._encode_prompt = _encode_prompt
+
+
 DEPTH = "StableDiffusionDepth2ImgPipeline: a later issue (stabilityai/stable-diffusion-2-depth is not simulated yet)"
 UNIT3 = Plan(
     "unit3_sd_introduction", unit3_sd_introduction.CELLS,
     skipped={1: "installs packages (!pip)", 2: "installs packages (!pip)", 20: "shell (!ls of the cache folder)"},
     pending={"LMSDiscreteScheduler": LMS, "StableDiffusionDepth2ImgPipeline": DEPTH},
     pending_cells={21: DEPTH, 22: DEPTH},
-    size_edits={3: smaller("the downloaded 512 px images -> 64 px", ("resize((512, 512))", "resize((64, 64))"))},
+    size_edits={3: smaller("the downloaded 512 px images -> 64 px", ("resize((512, 512))", "resize((64, 64))")),
+                6: smaller("480x640 -> 48x64", ("height=480, width=640", "height=48, width=64")),
+                7: smaller("480x480 -> 48x48", ("height=480, width=480", "height=48, width=48")),
+                9: smaller("a 512 px image -> 64 px", ("1, 3, 512, 512", "1, 3, 64, 64")),
+                12: smaller("64x64 latents -> 8x8", ("1, 4, 64, 64", "1, 4, 8, 8")),
+                14: smaller("480x480 -> 48x48", ("height=480, width=480", "height=48, width=48")),
+                15: smaller("64x64 latents -> 8x8", ("1, 4, 64, 64", "1, 4, 8, 8"))},
+    hooks={5: [reference_only(encode_prompt_of_diffusers_0_10)]},
 )
 
 
@@ -260,6 +285,25 @@ def text_model_of_transformers_4(side):
     side.namespace["text_encoder"].text_model = TextModel(side.namespace["text_encoder"])
 
 
+class TokenizerOfTransformers4:
+    """transformers 4.25's CLIPTokenizer had `decoder`, the id -> token dict (cell 21: tokenizer.decoder.get(id));
+    transformers 5's `decoder` is the tokenizers library's ByteLevel decoder. On the reference side the tokenizer
+    answers `decoder` with 4.25's dict, and everything else as it is."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoder = tokenizer, {i: token for token, i in tokenizer.get_vocab().items()}
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def tokenizer_of_transformers_4(side):
+    side.namespace["tokenizer"] = TokenizerOfTransformers4(side.namespace["tokenizer"])
+
+
 DEEP_DIVE = Plan(
     "deep_dive", deep_dive.CELLS,
     skipped={6: "downloads macaw.jpg (!curl): a seeded 128 px picture stands in",
@@ -267,7 +311,7 @@ DEEP_DIVE = Plan(
     pending={"LMSDiscreteScheduler": LMS},
     size_edits={4: SD512, 18: SD512, 34: SD512, 42: SD512, 46: SD512,
                 7: smaller("the macaw picture at 512 px -> 64 px", ("resize((512, 512))", "resize((64, 64))"))},
-    hooks={3: [reference_only(text_model_of_transformers_4)]},
+    hooks={3: [reference_only(text_model_of_transformers_4), reference_only(tokenizer_of_transformers_4)]},
     extra={32: lambda ns, _: {"get_output_embeds(...) - text_encoder(...)[0]":
                            (ns["out_embs_test"] - ns["output_embeddings"]).abs().max()}},
     files=lambda folder: stand_ins.files(folder, width=32),
@@ -296,22 +340,22 @@ def hf_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reports(hf_home, tmp_path_factory):
-    """notebook -> its report, each notebook run once (in its own process) when a test first asks for it."""
+    """notebook -> its report. All notebooks run in one process (the libraries import once), when a test first
+    asks for a report."""
+    work = tmp_path_factory.mktemp("notebooks")
     done = {}
 
     def report(name: str) -> dict:
-        if name not in done:
-            work = tmp_path_factory.mktemp(name)
+        if not done:
             (work / "home").mkdir()
             env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
             root = Path(minidiff.__file__).resolve().parent.parent  # the minidiff this test imports
             env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HOME=str(work / "home"), TQDM_DISABLE="1",
                        PYTHONPATH=os.pathsep.join([str(root), str(HERE)]))
-            result = subprocess.run([sys.executable, str(HERE / "course" / "harness.py"), name, str(work),
-                                     str(work / "report.json")], env=env, capture_output=True, text=True,
-                                    timeout=900)
+            result = subprocess.run([sys.executable, str(HERE / "course" / "harness.py"), str(work), *PLANS],
+                                    env=env, capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, result.stderr[-3000:]
-            done[name] = json.loads((work / "report.json").read_text())
+            done.update({notebook: json.loads((work / f"{notebook}.json").read_text()) for notebook in PLANS})
         return done[name]
 
     return report

@@ -11,8 +11,10 @@ A cell that cannot run on the minidiff side makes the names it assigns stale the
 of them is not run on that side: it inherits the first cell's status (pending or failing), as in a notebook run
 top to bottom. The reference side runs every cell that is not skipped.
 
-Run as a script (`python tests/course/harness.py NOTEBOOK WORKDIR REPORT`), in a process whose HF_HOME is the
-simulated cache, so diffusers, transformers and minidiff read it through their own environment handling.
+Run as a script (`python tests/course/harness.py WORKDIR NOTEBOOK...`), in a process whose HF_HOME is the
+simulated cache and HF_HUB_OFFLINE=1, so diffusers, transformers and minidiff read it through their own
+environment handling, as in a notebook kernel. huggingface_hub.notebook_login does nothing during the run (the
+deep dive's cell 2 calls it when ~/.cache/huggingface/token is missing; HOME is an empty folder here).
 """
 
 import ast
@@ -232,6 +234,7 @@ class Side:
 
     def run(self, number: int, source: str, filename: str) -> None:
         """exec one cell as IPython does: the last line, if an expression, is evaluated and kept (displayed)."""
+        started = time.time()
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         tree = ast.parse(source, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
@@ -249,12 +252,14 @@ class Side:
         finally:
             os.chdir(cwd)
             self.printed, self.plots = printed.getvalue(), list(self.plotted)
+            self.seconds = round(time.time() - started, 2)
 
 
 def run_notebook(plan, to_minidiff, work: Path) -> dict:
     """Run `plan`'s notebook on both sides; returns {"cells": {n: {...}}, "seconds": ...}."""
     start = time.time()
     report, tainted = {}, {}  # tainted: name -> the status of the cell that left it stale on the minidiff side
+    reference_tainted = set()  # names stale on the reference side too (a pending cell its reference cannot run)
     plotted, sides = [], {}  # plotted: what pyplot records while a cell runs
     for name in ("reference", "minidiff"):
         folder = work / name
@@ -273,7 +278,8 @@ def run_notebook(plan, to_minidiff, work: Path) -> dict:
         with pending_placeholders(plan.pending):
             for number, verbatim in plan.cells.items():
                 started = time.time()
-                entry = report[number] = run_cell(plan, number, verbatim, to_minidiff, reference, ours, tainted)
+                entry = report[number] = run_cell(plan, number, verbatim, to_minidiff, reference, ours, tainted,
+                                                  reference_tainted)
                 entry["seconds"] = round(time.time() - started, 2)
     finally:
         stand_ins.uninstall(replaced)
@@ -317,7 +323,7 @@ def pending_placeholders(pending: dict):
             delattr(minidiff, name)
 
 
-def run_cell(plan, number, verbatim, to_minidiff, reference, ours, tainted) -> dict:
+def run_cell(plan, number, verbatim, to_minidiff, reference, ours, tainted, reference_tainted) -> dict:
     if all(not line.strip() or line.lstrip().startswith("#") for line in verbatim.split("\n")):
         return {"status": "skipped: no code (comments only)"}
     if number in plan.skipped:
@@ -331,13 +337,34 @@ def run_cell(plan, number, verbatim, to_minidiff, reference, ours, tainted) -> d
         entry["status"] = f"pending: {plan.pending_cells[number]}"
         tainted.update(dict.fromkeys(writes, entry["status"]))
         return entry
+    stale = sorted(name for name in reads if name in tainted)
+    stale_on_both = [name for name in stale if name in reference_tainted]
+    if stale_on_both:  # neither side has what this cell needs
+        status = tainted[stale_on_both[0]]
+        entry["status"] = status if status.startswith("pending") else f"reference fails: needs {stale_on_both[0]} " \
+                                                                      f"({status})"
+        tainted.update(dict.fromkeys(writes, status))
+        reference_tainted.update(writes)
+        return entry
     try:
         reference.run(number, source, f"<{plan.name} cell {number}>")
-    except Exception:
-        entry["status"] = "reference fails: " + traceback.format_exc(limit=-3)
+    except Exception as error:
+        pending = [name for name in plan.pending if name in source]
+        pending += [tainted[name] for name in stale if tainted[name].startswith("pending")]
+        if not pending:
+            entry["status"] = "reference fails: " + traceback.format_exc(limit=-3)
+            tainted.update(dict.fromkeys(writes, f"the reference fails at cell {number}"))
+            reference_tainted.update(writes)
+            return entry
+        # the reference of a feature minidiff does not have yet may need what this machine lacks (scipy for
+        # diffusers' LMSDiscreteScheduler): the cell waits on both sides
+        reason = plan.pending.get(pending[0], pending[0])
+        entry["status"] = f"pending: {reason.removeprefix('pending: ')} (reference: {type(error).__name__}: " \
+                          f"{str(error).strip().splitlines()[0]})"
+        tainted.update(dict.fromkeys(writes, entry["status"]))
+        reference_tainted.update(writes)
         return entry
     plan.after(number, reference)
-    stale = sorted(name for name in reads if name in tainted)
     if stale:
         status = tainted[stale[0]]
         entry["status"] = status if status.startswith("pending") else f"fails: needs {stale[0]} ({status})"
@@ -358,6 +385,7 @@ def run_cell(plan, number, verbatim, to_minidiff, reference, ours, tainted) -> d
         tainted.update(dict.fromkeys(unchanged, reason))
         return entry
     plan.after(number, ours)
+    entry["seconds by side"] = [reference.seconds, ours.seconds]
     for name in writes:
         tainted.pop(name, None)
     entry.update(compare_results(plan, number, writes, reference, ours))
@@ -397,13 +425,15 @@ class Missing:
         return "<not assigned>"
 
 
-def main(notebook: str, work: str, report_path: str) -> None:
+def main(work: str, *notebooks: str) -> None:
+    """Run each notebook in `work`/<notebook>/ and write `work`/<notebook>.json: one process for all of them,
+    so the libraries are imported once."""
     import test_course
 
     torch.set_num_threads(1)  # as tests/conftest.py: the tiny ops run faster on one thread
-    plan = test_course.PLANS[notebook]
-    report = run_notebook(plan, test_course.to_minidiff, Path(work))
-    Path(report_path).write_text(json.dumps(report, indent=1, default=str))
+    for notebook in notebooks:
+        report = run_notebook(test_course.PLANS[notebook], test_course.to_minidiff, Path(work) / notebook)
+        (Path(work) / f"{notebook}.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

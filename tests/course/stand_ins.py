@@ -155,11 +155,11 @@ def butterflies(count: int = 4, size: int = 16, batch_size: int = 2):
     return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
 
-def digits(count: int = 6):
-    """What torchvision.datasets.MNIST(..., transform=ToTensor()) yields, in miniature: (1, 28, 28) images in
+def digits(count: int = 6, size: int = 8):
+    """What torchvision.datasets.MNIST(..., transform=ToTensor()) yields, in miniature: (1, size, size) images in
     [0, 1] with labels 0-9."""
     generator = torch.Generator().manual_seed(3)
-    images = torch.rand(count, 1, 28, 28, generator=generator).round()
+    images = torch.rand(count, 1, size, size, generator=generator).round()
     labels = torch.randint(0, 10, (count,), generator=generator)
     return [(image, int(label)) for image, label in zip(images, labels, strict=True)]
 
