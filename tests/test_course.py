@@ -167,15 +167,11 @@ def tiny_clip(side):
     exec(ast.get_source_segment(cell, definition), namespace)
 
 
-def folder_listing(path: Path) -> list[str]:
-    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-
-
 UNIT2 = Plan(
     "unit2_finetuning_and_guidance", unit2_finetuning_and_guidance.CELLS,
     skipped={1: "installs packages (%pip)", 2: "logs in to the hub (notebook_login)",
              12: "downloads a dataset (huggan/smithsonian_butterflies_subset): 4 seeded 16 px images stand in",
-             15: "%wandb magic: shows a W&B run", 21: "shell (!ls): the folder cell 20 wrote is compared there",
+             15: "%wandb magic: shows a W&B run", 21: "shell (!ls): lists the folder cell 20 wrote (each library its own layout; cell 20 reads it back)",
              22: "uploads to the hub (create_repo, upload_folder, ModelCard.push_to_hub)",
              28: "downloads open_clip's ViT-B-32 weights (and needs torchvision): a tiny CLIP stands in; its "
                  "clip_loss runs verbatim",
@@ -183,7 +179,9 @@ UNIT2 = Plan(
     size_edits={9: PX256, 17: PX256, 23: PX256, 25: PX256, 26: PX256, 29: PX256},
     hooks={12: [butterflies], 28: [tiny_clip]},
     extra={13: lambda ns, _: {"unet weights after training": ns["image_pipe"].unet.state_dict()},
-           20: lambda _, folder: {"files saved": folder_listing(folder / "my-finetuned-model")}},
+           # each side reads back what it wrote (minidiff writes its own folder layout, diffusers model_index.json)
+           20: lambda ns, folder: {"saved, then loaded back": ns["DDPMPipeline"].from_pretrained(
+               folder / "my-finetuned-model").unet.state_dict()}},
 )
 
 

@@ -106,7 +106,8 @@ class ResnetBlock(nn.Module):
             h = h + self.time_emb_proj(self.act(temb))[:, :, None, None]  # (B, C_out) -> (B, C_out, 1, 1)
         h = self.conv2(self.dropout(self.act(self.norm2(h))))
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
+            # training: a contiguous copy first, as diffusers makes, so the backward kernels and gradients match
+            x = self.conv_shortcut(x.contiguous() if self.training else x)
         return (x + h) / self.output_scale_factor
 
 

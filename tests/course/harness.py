@@ -87,11 +87,23 @@ def free_names(scope: ast.AST) -> set[str]:
     return loads - bound
 
 
+def outer_nodes(node: ast.AST):
+    """`node` and what it contains, down to (and including) nested defs, classes and lambdas but not into them."""
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        yield current
+        if current is node or not isinstance(current, NESTED):
+            todo.extend(ast.iter_child_nodes(current))
+
+
 def stored_bases(node: ast.AST) -> set[str]:
     """The variables a statement changes: assigned names, and the bases of assigned attributes and items
     (`pipe.scheduler = ...` changes `pipe`; `token_embeddings[0, i] = ...` changes `token_embeddings`)."""
+    if isinstance(node, NESTED):  # a def or class binds its name; what its body assigns stays inside it
+        return {node.name} if isinstance(node, ast.FunctionDef | ast.ClassDef) else set()
     found = names(node, ast.Store)
-    for child in ast.walk(node):
+    for child in outer_nodes(node):
         if isinstance(child, ast.Attribute | ast.Subscript) and isinstance(child.ctx, ast.Store):
             base = child.value
             while isinstance(base, ast.Attribute | ast.Subscript):
