@@ -171,7 +171,8 @@ UNIT2 = Plan(
     "unit2_finetuning_and_guidance", unit2_finetuning_and_guidance.CELLS,
     skipped={1: "installs packages (%pip)", 2: "logs in to the hub (notebook_login)",
              12: "downloads a dataset (huggan/smithsonian_butterflies_subset): 4 seeded 16 px images stand in",
-             15: "%wandb magic: shows a W&B run", 21: "shell (!ls): lists cell 20's folder (each library its own layout)",
+             15: "%wandb magic: shows a W&B run",
+             21: "shell (!ls): lists cell 20's folder (each library its own layout)",
              22: "uploads to the hub (create_repo, upload_folder, ModelCard.push_to_hub)",
              28: "downloads open_clip's ViT-B-32 weights (and needs torchvision): a tiny CLIP stands in; its "
                  "clip_loss runs verbatim",
