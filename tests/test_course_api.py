@@ -247,3 +247,17 @@ def test_logging_set_verbosity_error_silences_minidiff_warnings():
         minidiff.logging.set_verbosity_warning()
     with pytest.warns(UserWarning, match="not_a_key"):
         UNet2DConfig.from_dict({"not_a_key": 1})
+
+
+def test_pipe_load_textual_inversion_as_diffusers(tiny, folder, tmp_path):
+    """The course's way: pipe.load_textual_inversion(learned_embeds.bin) (diffusers' format), then the new word in
+    a prompt gives the same embeddings as diffusers' pipeline given the same file."""
+    reference, ours = pipelines(components(TINY_UNET, TINY_VAE, TINY_TEXT, seed=2), folder)
+    torch.save({"<birb-style>": randn(32, seed=3)}, tmp_path / "learned_embeds.bin")
+    reference.load_textual_inversion(tmp_path / "learned_embeds.bin")
+    assert ours.load_textual_inversion(tmp_path / "learned_embeds.bin") == ["<birb-style>"]
+    with torch.no_grad():
+        expected = reference.encode_prompt("a <birb-style> bird", "cpu", 1, False)[0]
+        got = ours.encode_prompt("a <birb-style> bird", "cpu", 1, False)[0]
+    assert max_diff(got, expected) == 0.0
+    assert ours.tokenizer("a <birb-style> bird").input_ids == reference.tokenizer("a <birb-style> bird").input_ids
