@@ -15,6 +15,7 @@ Stable Diffusion models (converted SD 1.x / 2.x):
     python sample.py --model weights/sd-1-5 --prompt "a watercolor fox" --negative-prompt "blurry" --out fox.png
     python sample.py --model weights/sd-1-5 --prompt "..." --init-image photo.png --strength 0.6 --out img2img.png
     python sample.py --model weights/sd-inpainting --prompt "..." --init-image photo.png --mask mask.png --out x.png
+    python sample.py --prompt "a big red circle" --guidance color --color "#0000FF" --loss-scale 100 --out blue.png
 
 A thin front of minidiff/pipelines/pixel.py and minidiff/pipelines/stable_diffusion.py: everything here is callable from
 Python. The PNG carries the settings that made it in its text metadata. A mistake in the arguments is one line
@@ -44,9 +45,15 @@ from minidiff.pipelines.stable_diffusion import StableDiffusion
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-sd"
 DEFAULT_PROMPT = "a big red circle"  # for the default model: words of its training captions
-PIXEL_ONLY = ("class_label", "cfg_scale", "guidance", "color", "guidance_prompt", "clip_model", "cuts",
-              "guidance_every")
-TEXT_ONLY = ("prompt", "negative_prompt", "init_image", "strength", "mask", "clip_skip")
+PIXEL_ONLY = ("class_label", "cfg_scale")
+TEXT_ONLY = ("prompt", "negative_prompt", "init_image", "strength", "mask", "clip_skip", "loss_scale")
+GUIDANCE_OPTIONS = ("color", "guidance_prompt", "clip_model", "cuts", "clip_recipe", "guidance_every",
+                    "guidance_through_unet")
+# The loss multiplier when none is given: the course's for pixel models (Unit 2: 40 for its colour loss, 8 for
+# CLIP); for Stable Diffusion the Deep Dive's blue-loss scale, 200, and the course's 8 for CLIP. Measured on
+# weights/tiny-sd (10 DDIM steps, "#0000FF"): colour loss 0.77 unguided, 0.69 at 100, 0.70 at 200, 0.81 at 300
+PIXEL_LOSS_SCALES = {"color": 40.0, "clip": 8.0}
+SD_LOSS_SCALES = {"color": 200.0, "clip": 8.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,19 +77,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (a grid of all images)")
+    guide = parser.add_argument_group("loss guidance (every model; on Stable Diffusion, through the VAE decoder)")
+    guide.add_argument("--guidance", choices=["color", "clip"], help="steer sampling with a loss on the predicted x0")
+    guide.add_argument("--color", help='target colour for --guidance color, as "#RRGGBB"')
+    guide.add_argument("--guidance-prompt", help="the text CLIP steers towards, for --guidance clip")
+    guide.add_argument("--clip-model", type=Path, help="a minidiff CLIP model folder, for --guidance clip")
+    guide.add_argument("--cuts", type=int, help="random cutouts CLIP scores per step (default 4)")
+    guide.add_argument("--clip-recipe", choices=["course", "minidiff"],
+                       help="course (default): the Unit 2 notebook's crop, rotation and flip of x0 in [-1, 1]; "
+                            "minidiff: crop, rotation, colour jitter and blur of x0 in [0, 1]")
+    guide.add_argument("--guidance-every", type=int, help="guide every k-th step only (default 1: every step)")
+    guide.add_argument("--guidance-through-unet", action="store_true",
+                       help="differentiate through the UNet too (the course's second variant; slower)")
+    guide.add_argument("--loss-scale", type=float,
+                       help="Stable Diffusion: the loss multiplier of --guidance (--guidance-scale stays the "
+                            "classifier-free guidance scale); default 200 for color (the Deep Dive's), 8 for clip")
     pixel = parser.add_argument_group("pixel-space models")
     pixel.add_argument("--class-label", type=int, nargs="+", help="the class to draw, for class-conditioned models; "
                        "several: one row of --num-images per class")
     pixel.add_argument("--cfg-scale", type=float, help="classifier-free guidance of a class-conditioned model "
                        f"trained with --label-dropout, such as weights/digits (default {DEFAULT_CFG_SCALE}; 1: off)")
-    pixel.add_argument("--guidance", choices=["color", "clip"], help="steer sampling with a loss on the predicted x0")
-    pixel.add_argument("--color", help='target colour for --guidance color, as "#RRGGBB"')
-    pixel.add_argument("--guidance-prompt", help="the text CLIP steers towards, for --guidance clip")
-    pixel.add_argument("--clip-model", type=Path, help="a minidiff CLIP model folder, for --guidance clip")
-    pixel.add_argument("--cuts", type=int, help="random cutouts CLIP scores per step (default 4)")
-    pixel.add_argument("--guidance-every", type=int, help="guide every k-th step only (default 1: every step)")
-    pixel.add_argument("--guidance-through-unet", action="store_true",
-                       help="differentiate through the UNet too (the course's second variant; slower)")
     text = parser.add_argument_group("Stable Diffusion models")
     text.add_argument("--prompt", nargs="+", help=f"what to draw (default model: {DEFAULT_PROMPT!r}); several "
                       "prompts: one row of --num-images per prompt")
@@ -119,22 +133,23 @@ def check_common(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
-def pixel_guidance(args: argparse.Namespace, dtype: torch.dtype) -> LossGuidance | None:
-    """The --guidance options -> a LossGuidance (or None), after checking they fit together."""
+def loss_guidance(args: argparse.Namespace, dtype: torch.dtype, scale_option: str,
+                  default_scales: dict[str, float]) -> LossGuidance | None:
+    """The --guidance options -> a LossGuidance (or None), after checking they fit together. The loss multiplier
+    is `scale_option`: --guidance-scale for pixel models, --loss-scale for Stable Diffusion."""
+    scale = getattr(args, scale_option)
     if args.guidance is None:
-        extra = given(args, ("color", "guidance_prompt", "clip_model", "cuts", "guidance_every",
-                             "guidance_through_unet", "guidance_scale"))
-        if extra:
+        if extra := given(args, GUIDANCE_OPTIONS + (scale_option,)):
             raise ValueError(f"{', '.join(extra)}: only with guidance; add --guidance color or --guidance clip")
         return None
     every = args.guidance_every or 1
+    scale = default_scales[args.guidance] if scale is None else scale
     if args.guidance == "color":
         if not args.color:
             raise ValueError('--guidance color needs a target: add --color "#RRGGBB"')
-        if given(args, ("guidance_prompt", "clip_model", "cuts")):
-            raise ValueError("--guidance-prompt, --clip-model and --cuts belong to --guidance clip")
+        if given(args, ("guidance_prompt", "clip_model", "cuts", "clip_recipe")):
+            raise ValueError("--guidance-prompt, --clip-model, --cuts and --clip-recipe belong to --guidance clip")
         target = parse_hex_color(args.color)
-        scale = 40.0 if args.guidance_scale is None else args.guidance_scale
         return LossGuidance(lambda x0: color_loss(x0, target), scale, every, args.guidance_through_unet)
     if args.color:
         raise ValueError("--color is the target of colour guidance: use --guidance color")
@@ -143,9 +158,20 @@ def pixel_guidance(args: argparse.Namespace, dtype: torch.dtype) -> LossGuidance
     clip_model, tokenizer = load_clip(args.clip_model, dtype, args.device)
     if not hasattr(clip_model, "get_image_features") or tokenizer is None:
         raise ValueError(f"--clip-model {args.clip_model} must be a full CLIP model (text and vision towers)")
-    return clip_guidance(clip_model, tokenizer, args.guidance_prompt, 8.0 if args.guidance_scale is None
-                         else args.guidance_scale, args.cuts or 4, every,
-                         torch.Generator().manual_seed(args.seed), through_unet=args.guidance_through_unet)
+    return clip_guidance(clip_model, tokenizer, args.guidance_prompt, scale, args.cuts or 4, every,
+                         torch.Generator().manual_seed(args.seed), through_unet=args.guidance_through_unet,
+                         recipe=args.clip_recipe or "course")
+
+
+def guidance_settings(args: argparse.Namespace, guidance: LossGuidance | None, scale_key: str) -> dict:
+    """What the PNG records of the loss guidance (nothing without it)."""
+    if guidance is None:
+        return {}
+    clip = args.guidance == "clip"
+    return {"guidance": args.guidance, "color": args.color, "guidance_prompt": args.guidance_prompt,
+            "clip_recipe": guidance.loss.recipe if clip else None, "cuts": guidance.loss.n_cuts if clip else None,
+            scale_key: guidance.scale, "guidance_every": guidance.every,
+            "guidance_through_unet": args.guidance_through_unet}
 
 
 def sample_pixel(args: argparse.Namespace, model: Path, dtype: torch.dtype):
@@ -155,7 +181,7 @@ def sample_pixel(args: argparse.Namespace, model: Path, dtype: torch.dtype):
     if args.scheduler == "pndm":
         raise ValueError("--scheduler pndm is for Stable Diffusion models; pixel models take ddpm or ddim")
     pipe = PixelPipeline(**load_pipeline(model, dtype, scheduler=args.scheduler, device=args.device)[1])
-    guidance = pixel_guidance(args, dtype)
+    guidance = loss_guidance(args, dtype, "guidance_scale", PIXEL_LOSS_SCALES)
     labels = None if args.class_label is None else [c for c in args.class_label for _ in range(args.num_images)]
     generator = torch.Generator().manual_seed(args.seed)
     batch = args.num_images * len(args.class_label or [None])
@@ -169,18 +195,16 @@ def sample_pixel(args: argparse.Namespace, model: Path, dtype: torch.dtype):
         for x_prev in tqdm(pipe.denoise(x, labels, guidance, generator, args.eta, cfg_scale), total=steps,
                            unit="step"):
             x = x_prev
-    settings = {"class_label": args.class_label and " ".join(map(str, args.class_label)), "guidance": args.guidance,
-                "cfg_scale": cfg_scale if pipe.has_null_class else None}
-    if args.guidance:
-        settings.update(color=args.color, guidance_prompt=args.guidance_prompt, guidance_scale=guidance.scale,
-                        guidance_every=guidance.every, guidance_through_unet=args.guidance_through_unet)
+    settings = {"class_label": args.class_label and " ".join(map(str, args.class_label)),
+                "cfg_scale": cfg_scale if pipe.has_null_class else None,
+                **guidance_settings(args, guidance, "guidance_scale")}
     return x, steps, type(pipe.scheduler).__name__, settings
 
 
 def sample_text(args: argparse.Namespace, model: Path, dtype: torch.dtype):
     """Stable Diffusion model -> (images in [-1, 1], settings). StableDiffusion.prepare picks the mode from the
     images given (txt2img, img2img, inpaint); the loop is StableDiffusion.denoise."""
-    if extra := given(args, PIXEL_ONLY + ("guidance_through_unet",)):
+    if extra := given(args, PIXEL_ONLY):
         raise ValueError(f"{args.model} is a Stable Diffusion model: {', '.join(extra)} belong to pixel-space models")
     if args.prompt is None and args.model == DEFAULT_MODEL:
         args.prompt = [DEFAULT_PROMPT]
@@ -198,6 +222,7 @@ def sample_text(args: argparse.Namespace, model: Path, dtype: torch.dtype):
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"--{name.replace('_', '-')} {path}: cannot read it as an image ({e})") from None
     sd = StableDiffusion(**load_pipeline(model, dtype, scheduler=args.scheduler, device=args.device)[1])
+    guidance = loss_guidance(args, dtype, "loss_scale", SD_LOSS_SCALES)
     guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
@@ -205,14 +230,14 @@ def sample_text(args: argparse.Namespace, model: Path, dtype: torch.dtype):
                          guidance_scale, args.num_images, generator, image=images.get("init_image"),
                          mask_image=images.get("mask"), strength=args.strength, clip_skip=args.clip_skip)
         latents = run.latents
-        for step_latents in tqdm(sd.denoise(run, eta=args.eta, generator=generator), total=len(run.timesteps),
-                                 unit="step"):
+        for step_latents in tqdm(sd.denoise(run, eta=args.eta, generator=generator, guidance=guidance),
+                                 total=len(run.timesteps), unit="step"):
             latents = step_latents
         x = sd.decode(latents)
     prompt = args.prompt[0] if len(args.prompt) == 1 else json.dumps(args.prompt)
     settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "guidance_scale": guidance_scale,
                 "init_image": args.init_image, "strength": args.strength, "mask": args.mask,
-                "clip_skip": args.clip_skip}
+                "clip_skip": args.clip_skip, **guidance_settings(args, guidance, "loss_scale")}
     return x, len(run.timesteps), type(sd.scheduler).__name__, settings
 
 

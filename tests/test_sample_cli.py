@@ -290,7 +290,10 @@ def test_img2img_and_inpainting(text_models, tmp_path):
     [
         ("sd", [], "needs --prompt"),
         ("sd", ["--prompt", "x", "--class-label", "1"], "belong to pixel-space models"),
-        ("sd", ["--prompt", "x", "--guidance", "color", "--color", "#55FFAA"], "belong to pixel-space models"),
+        ("sd", ["--prompt", "x", "--cfg-scale", "2"], "belong to pixel-space models"),
+        ("sd", ["--prompt", "x", "--loss-scale", "10"], "only with guidance"),
+        ("sd", ["--prompt", "x", "--clip-recipe", "minidiff"], "only with guidance"),
+        ("sd", ["--prompt", "x", "--guidance", "color"], "--color"),
         ("sd", ["--prompt", "x", "--mask", "mask.png"], "add --init-image"),
         ("sd", ["--prompt", "x", "--strength", "0.5"], "add --init-image"),
         ("sd", ["--prompt", "x", "--init-image", "missing.png"], "cannot read it as an image"),
@@ -302,6 +305,10 @@ def test_img2img_and_inpainting(text_models, tmp_path):
         ("unconditional", ["--guidance", "clip", "--guidance-prompt", "a rose"], "--clip-model"),
         ("unconditional", ["--guidance", "clip", "--clip-model", "@clip"], "--guidance-prompt"),
         ("unconditional", ["--guidance", "color", "--color", "#55FFAA", "--cuts", "2"], "belong to --guidance clip"),
+        ("unconditional", ["--guidance", "color", "--color", "#55FFAA", "--clip-recipe", "course"],
+         "belong to --guidance clip"),
+        ("unconditional", ["--guidance", "color", "--color", "#55FFAA", "--loss-scale", "10"],
+         "--loss-scale belong to Stable Diffusion models"),
     ],
 )
 def test_text_and_clip_mistakes_exit_2(models, text_models, tmp_path, capsys, model, args, message):
@@ -321,4 +328,45 @@ def test_clip_guidance_from_the_command_line(models, text_models, tmp_path):
                "a red rose", "--clip-model", str(text_models.folder / "clip"), "--guidance-scale", "500") == 0
     text = Image.open(tmp_path / "rose.png").text
     assert text["guidance"] == "clip" and text["guidance_prompt"] == "a red rose" and text["guidance_scale"] == "500.0"
+    assert (text["clip_recipe"], text["cuts"]) == ("course", "4")  # the defaults
+    assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "rose.png"))
+    assert run(models["unconditional"], tmp_path / "variant.png", *common, "--guidance", "clip", "--guidance-prompt",
+               "a red rose", "--clip-model", str(text_models.folder / "clip"), "--guidance-scale", "500",
+               "--clip-recipe", "minidiff", "--cuts", "2") == 0
+    text = Image.open(tmp_path / "variant.png").text
+    assert (text["clip_recipe"], text["cuts"]) == ("minidiff", "2")
+    assert not np.array_equal(pixels(tmp_path / "rose.png"), pixels(tmp_path / "variant.png"))
+
+
+def test_loss_guidance_on_stable_diffusion(text_models, tmp_path):
+    """--guidance on a Stable Diffusion model: the loss multiplier is --loss-scale, --guidance-scale stays CFG;
+    the image is the library's (StableDiffusion.denoise with a LossGuidance) and the PNG records the settings."""
+    from minidiff.images import to_pil
+    from minidiff.loading.model_folder import load_stable_diffusion
+    from minidiff.pipelines.guidance import LossGuidance, color_loss
+
+    common = ["--prompt", "a red cat", "--steps", "3", "--height", "16", "--width", "16", "--seed", "2"]
+    assert run(text_models.folder / "sd", tmp_path / "plain.png", *common) == 0
+    assert run(text_models.folder / "sd", tmp_path / "blue.png", *common, "--guidance", "color", "--color",
+               "#0000FF", "--loss-scale", "50", "--guidance-every", "2", "--guidance-scale", "5") == 0
+    text = Image.open(tmp_path / "blue.png").text
+    assert {k: text[k] for k in ("guidance", "color", "loss_scale", "guidance_every", "guidance_scale")} == {
+        "guidance": "color", "color": "#0000FF", "loss_scale": "50.0", "guidance_every": "2", "guidance_scale": "5.0"}
+    assert "guidance" not in Image.open(tmp_path / "plain.png").text
+    sd = load_stable_diffusion(text_models.folder / "sd")
+    guidance = LossGuidance(lambda x0: color_loss(x0, (0.0, 0.0, 1.0)), 50.0, every=2)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        prepared = sd.prepare("a red cat", None, 16, 16, 3, 5.0, generator=generator)
+        *_, latents = sd.denoise(prepared, generator=generator, guidance=guidance)
+        expected = sd.decode(latents)
+    assert np.array_equal(pixels(tmp_path / "blue.png"), np.asarray(to_pil(expected)[0]))
+    assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "blue.png"))
+
+    assert run(text_models.folder / "sd", tmp_path / "rose.png", *common, "--guidance", "clip", "--guidance-prompt",
+               "a red rose", "--clip-model", str(text_models.folder / "clip"), "--loss-scale", "500",
+               "--guidance-through-unet") == 0
+    text = Image.open(tmp_path / "rose.png").text
+    assert (text["guidance"], text["loss_scale"], text["clip_recipe"], text["guidance_through_unet"]) == (
+        "clip", "500.0", "course", "True")
     assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "rose.png"))

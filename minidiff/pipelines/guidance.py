@@ -3,7 +3,7 @@
 Classifier-free guidance (Ho & Salimans 2022) is one line, shared by every pipeline (classifier_free_guidance):
 the model runs on a batch of 2B, [unconditional; conditional], and the two predictions are extrapolated.
 
-Loss guidance is the rest of this file.
+Loss guidance is the rest of this file, one idea for pixel and latent models alike.
 
 Unit 2 of the course ("Guidance"): at each step the model predicts the noise, the scheduler turns it into a
 prediction of the final image x_0, a loss scores that x_0 (too far from a colour, too far from a CLIP text
@@ -14,6 +14,16 @@ variants, as in the course:
   gradients, about twice the memory and time).
 An optional `grad_scale(t, scheduler)` multiplies the gradient by a schedule: the course's CLIP guidance scales
 it by sqrt(alpha_bar) (see course_sqrt_alpha_bar for which alpha_bar; minidiff/pipelines/clip_guidance.py).
+
+Stable Diffusion (the fastai Stable Diffusion Deep Dive's "blue loss", its last section): the same nudge on the
+latents. The predicted x_0 is a latent, so the pipeline passes its VAE decoder and the loss scores the decoded
+image; the gradient flows back through the decoder to the latents (StableDiffusion.denoise, guidance=):
+
+    x_0 = x_0(latents, eps)  ->  images = vae.decode(x_0 / scaling_factor)  ->  scale * loss(images)
+        ->  latents <- latents - grad * guidance_step_size(t)  ->  the ordinary scheduler step
+
+With classifier-free guidance the x_0 comes from the guided prediction, as in the Deep Dive. A loss always sees
+images in [-1, 1], pixel or decoded (the Deep Dive's blue_loss takes [0, 1]: blue_loss maps them).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import torch
 
 from minidiff.schedulers import Scheduler
 
-Loss = Callable[[torch.Tensor], torch.Tensor]  # x_0 in [-1, 1], (B, C, H, W) -> a scalar
+Loss = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] (x_0, or decoded x_0), (B, C, H, W) -> a scalar
 GradScale = Callable[[torch.Tensor, Scheduler], torch.Tensor]  # (t, scheduler) -> a factor on the gradient
 
 
@@ -41,6 +51,12 @@ def color_loss(images: torch.Tensor, target_color: tuple[float, float, float] = 
     """The course's colour loss: mean |pixel - target| with the target given in [0, 1] RGB."""
     target = (torch.tensor(target_color, device=images.device, dtype=images.dtype) * 2 - 1)[None, :, None, None]
     return (images - target).abs().mean()
+
+
+def blue_loss(images: torch.Tensor) -> torch.Tensor:
+    """The Deep Dive's blue loss: mean |blue - 0.9| over the blue channel, on images in [-1, 1] mapped to the
+    [0, 1] the notebook decodes to."""
+    return torch.abs((images / 2 + 0.5)[:, 2] - 0.9).mean()
 
 
 def parse_hex_color(text: str) -> tuple[float, float, float]:
@@ -67,15 +83,39 @@ def course_sqrt_alpha_bar(t: torch.Tensor, scheduler: Scheduler) -> torch.Tensor
     return scheduler.alphas_cumprod[i].sqrt()
 
 
+def guidance_step_size(t: torch.Tensor, scheduler: Scheduler) -> float | torch.Tensor:
+    """How far x_t moves per unit of loss gradient, as each source writes it for its kind of sampler:
+
+    - 1 for DDPM, DDIM and PNDM, whose x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps and whose
+      init_noise_sigma is 1: the course's Unit 2 loop, `x = x.detach() + cond_grad`;
+    - sigma_t^2 for samplers in sigma space (LMS in the Deep Dive, Euler, ...: x_t = x_0 + sigma_t eps, started
+      from N(0, sigma_max^2), so init_noise_sigma > 1), with sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t: the
+      Deep Dive's `latents = latents.detach() - cond_grad * sigma**2`.
+
+    These are two rules, not one rule in two coordinate systems. Moved into DDPM's coordinates (x_DDPM =
+    sqrt(alpha_bar_t) x_sigma: a move there is sqrt(alpha_bar_t) times the move in sigma space, the gradient
+    1 / sqrt(alpha_bar_t) times the gradient there), the Deep Dive's step is (1 - alpha_bar_t) grad: about the
+    course's 1 at the noisy start, but fading to 0 at the last steps, where the course's stays 1. So a loss scale
+    tuned with DDIM is not the one for LMS; to follow the Deep Dive's schedule with DDIM, pass
+    grad_scale=lambda t, s: 1 - s.alphas_cumprod[t]. minidiff's samplers are all of the first kind today; the
+    second branch is what a sigma-space sampler gets (tests/test_latent_guidance.py checks it on the Deep Dive's
+    own step)."""
+    if scheduler.init_noise_sigma == 1.0:
+        return 1.0
+    alpha_bar = scheduler.alphas_cumprod[t]
+    return (1 - alpha_bar) / alpha_bar
+
+
 @dataclass
 class LossGuidance:
-    """Guide sampling with `loss` (on x_0) times `scale`, at every `every`-th step."""
+    """Guide sampling with `loss` (on x_0, or on the decoded x_0 of a latent model) times `scale`, at every
+    `every`-th step. The same object guides PixelPipeline.denoise and StableDiffusion.denoise."""
 
     loss: Loss
     scale: float
     every: int = 1  # guide at steps 0, every, 2*every, ... of the loop (1 = every step)
     through_unet: bool = False  # the course's second variant: differentiate through the UNet as well
-    grad_scale: GradScale | None = None  # a step-size schedule, e.g. course_sqrt_alpha_bar (None: 1)
+    grad_scale: GradScale | None = None  # a schedule on top of guidance_step_size, e.g. course_sqrt_alpha_bar
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -84,15 +124,20 @@ class LossGuidance:
     def applies_at(self, step_index: int) -> bool:
         return step_index % self.every == 0
 
-    def nudge(self, x: torch.Tensor, model_output: torch.Tensor, t, scheduler: Scheduler) -> torch.Tensor:
-        """x_t - grad_x (scale * loss(x_0(x_t))) [* grad_scale(t)]. With through_unet, `x` must be the tensor the
-        UNet saw, with requires_grad set, and `model_output` must carry its graph."""
+    def nudge(self, x: torch.Tensor, model_output: torch.Tensor, t, scheduler: Scheduler,
+              decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x_t - grad_x (scale * loss(images)) * guidance_step_size(t) [* grad_scale(t)], where images is x_0(x_t)
+        for a pixel model, or decode(x_0(x_t)) for a latent one (decode: latents -> images in [-1, 1], with grad;
+        StableDiffusion passes its VAE decoder). With through_unet, `x` must be the tensor the UNet saw, with
+        requires_grad set, and `model_output` must carry its graph."""
         with torch.enable_grad():
             if not self.through_unet:
                 x = x.detach().requires_grad_()
             x0 = scheduler.predict_x0(model_output, x, scheduler.alphas_cumprod[t])
-            loss = self.loss(x0) * self.scale
+            images = x0 if decode is None else decode(x0)
+            loss = self.loss(images) * self.scale
             grad = torch.autograd.grad(loss, x)[0]
+        grad = grad * guidance_step_size(t, scheduler)
         if self.grad_scale is not None:
             grad = grad * self.grad_scale(t, scheduler)
         return x.detach() - grad

@@ -37,7 +37,7 @@ from torch import nn
 from minidiff.logging import MinidiffWarning
 from minidiff.noise import Generator, randn_tensor
 from minidiff.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, postprocess
-from minidiff.pipelines.guidance import classifier_free_guidance
+from minidiff.pipelines.guidance import LossGuidance, classifier_free_guidance
 from minidiff.schedulers import Scheduler
 
 Prompt = str | list[str]
@@ -188,22 +188,30 @@ class StableDiffusion(DiffusionPipeline):
 
     # 3. The denoising loop ----------------------------------------------------------------------------------------
 
-    def denoise(self, run: Run, guidance_rescale: float = 0.0, eta: float = 0.0,
-                generator: Generator = None) -> Iterator[torch.Tensor]:
-        """Yield the latents after every scheduler step."""
+    def denoise(self, run: Run, guidance_rescale: float = 0.0, eta: float = 0.0, generator: Generator = None,
+                guidance: LossGuidance | None = None) -> Iterator[torch.Tensor]:
+        """Yield the latents after every scheduler step. `guidance`: loss guidance on the decoded x_0 (the Deep
+        Dive's blue loss), from the guided noise prediction when CFG is on (pipelines/guidance.py)."""
         scheduler, latents = self.scheduler, run.latents
         ddim_eta = {"eta": eta} if eta else {}  # DDIM's knob: passed only when set (0 is DDIM's default)
         for i, t in enumerate(run.timesteps):
-            model_input = torch.cat([latents] * 2) if run.do_cfg else latents  # one batch: [uncond, cond]
-            model_input = scheduler.scale_model_input(model_input, t)
-            if run.extra_channels is not None:  # inpainting UNet: 4 + 1 + 4 input channels
-                model_input = torch.cat([model_input, run.extra_channels], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings).sample
-            if run.do_cfg:  # classifier-free guidance
-                noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
-                if guidance_rescale > 0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, **ddim_eta).prev_sample
+            guide = guidance is not None and guidance.applies_at(i)
+            with torch.set_grad_enabled(guide and guidance.through_unet):
+                if guide and guidance.through_unet:
+                    latents = latents.detach().requires_grad_()
+                model_input = torch.cat([latents] * 2) if run.do_cfg else latents  # one batch: [uncond, cond]
+                model_input = scheduler.scale_model_input(model_input, t)
+                if run.extra_channels is not None:  # inpainting UNet: 4 + 1 + 4 input channels
+                    model_input = torch.cat([model_input, run.extra_channels], dim=1)
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=run.embeddings).sample
+                if run.do_cfg:  # classifier-free guidance
+                    noise_pred, noise_text = classifier_free_guidance(noise_pred, run.guidance_scale)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
+            if guide:  # move the latents down the gradient of the loss on the decoded x_0, then step from there
+                latents = guidance.nudge(latents, noise_pred, t, scheduler, decode=self.decode)
+            latents = scheduler.step(noise_pred.detach(), t, latents.detach(), generator=generator,
+                                     **ddim_eta).prev_sample
             if run.image_latents is not None:  # blended inpainting: keep the known region at the next noise level
                 known = run.image_latents
                 if i < len(run.timesteps) - 1:
