@@ -31,7 +31,7 @@ from torch import nn
 
 from minidiff.config import SIDE, WIDTH, from_json_dict, require, setting, validate
 from minidiff.models.attention import multi_head_attention
-from minidiff.models.outputs import ModelOutput
+from minidiff.models.outputs import CLIPOutput, CLIPTextOutput, CLIPVisionOutput, EncoderOutput
 from minidiff.models.pretrained import PretrainedModel
 
 
@@ -219,12 +219,6 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -torch.inf)
 
 
-@dataclass
-class EncoderOutput(ModelOutput):
-    last_hidden_state: torch.Tensor  # (B, L, D): the output of the last layer (no final LayerNorm)
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # the input of every layer and that output: N + 1
-
-
 class CLIPEncoder(nn.Module):
     def __init__(self, config: CLIPTextConfig | CLIPVisionConfig):
         super().__init__()
@@ -248,22 +242,6 @@ class CLIPEncoder(nn.Module):
             states.append(h)
         out = EncoderOutput(h, tuple(states) if output_hidden_states else None)
         return out if return_dict is not False else out.to_tuple()
-
-
-@dataclass
-class CLIPTextOutput(ModelOutput):
-    last_hidden_state: torch.Tensor  # (B, L, D), after the final LayerNorm
-    pooler_output: torch.Tensor | None = None  # (B, D): last_hidden_state at each sequence's EOS
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # N + 1 states (B, L, D), embeddings first, no final LN
-    text_embeds: torch.Tensor | None = None  # (B, projection_dim), CLIPTextModelWithProjection only
-
-
-@dataclass
-class CLIPVisionOutput(ModelOutput):
-    last_hidden_state: torch.Tensor  # (B, 1 + patches, D), without post_layernorm
-    pooler_output: torch.Tensor  # (B, D): post_layernorm of the class token's state
-    hidden_states: tuple[torch.Tensor, ...] | None = None  # N + 1 states, the first after pre_layrnorm
-    image_embeds: torch.Tensor | None = None  # (B, projection_dim), CLIPVisionModelWithProjection only
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -469,14 +447,6 @@ class CLIPVisionModelWithProjection(CLIPVisionModel):
         out = super().forward(*args, **kwargs)
         out.image_embeds = self.visual_projection(out.pooler_output)
         return out
-
-
-@dataclass
-class CLIPOutput(ModelOutput):
-    logits_per_image: torch.Tensor  # (images, texts): cosine similarity * logit_scale.exp()
-    logits_per_text: torch.Tensor  # (texts, images), its transpose
-    text_embeds: torch.Tensor  # (texts, projection_dim), unit length
-    image_embeds: torch.Tensor  # (images, projection_dim), unit length
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -47,3 +47,36 @@ class AutoencoderKLOutput(ModelOutput):
     """AutoencoderKL.encode: the posterior q(z|x), a DiagonalGaussian (.sample(generator), .mean, .mode())."""
 
     latent_dist: object
+
+
+# CLIP (transformers' BaseModelOutput(WithPooling), CLIPTextModelOutput, CLIPOutput), minidiff/models/clip.py
+
+
+@dataclass
+class EncoderOutput(ModelOutput):
+    last_hidden_state: torch.Tensor  # (B, L, D): the output of the last layer (no final LayerNorm)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # the input of every layer and that output: N + 1
+
+
+@dataclass
+class CLIPTextOutput(ModelOutput):
+    last_hidden_state: torch.Tensor  # (B, L, D), after the final LayerNorm
+    pooler_output: torch.Tensor | None = None  # (B, D): last_hidden_state at each sequence's EOS
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # N + 1 states (B, L, D), embeddings first, no final LN
+    text_embeds: torch.Tensor | None = None  # (B, projection_dim), CLIPTextModelWithProjection only
+
+
+@dataclass
+class CLIPVisionOutput(ModelOutput):
+    last_hidden_state: torch.Tensor  # (B, 1 + patches, D), without post_layernorm
+    pooler_output: torch.Tensor  # (B, D): post_layernorm of the class token's state
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # N + 1 states, the first after pre_layrnorm
+    image_embeds: torch.Tensor | None = None  # (B, projection_dim), CLIPVisionModelWithProjection only
+
+
+@dataclass
+class CLIPOutput(ModelOutput):
+    logits_per_image: torch.Tensor  # (images, texts): cosine similarity * logit_scale.exp()
+    logits_per_text: torch.Tensor  # (texts, images), its transpose
+    text_embeds: torch.Tensor  # (texts, projection_dim), unit length
+    image_embeds: torch.Tensor  # (images, projection_dim), unit length
